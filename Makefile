@@ -1,0 +1,26 @@
+# fastpred: `make test` and `make run` set themselves up on a fresh machine.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+# Re-install when the packaging or the compiled sources change.
+STAMP   := .venv/.fastpred-installed
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h)
+# Facts of this machine's CUDA 13 toolkit (see README "Building the extension").
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+
+.PHONY: test run bench gpu-check figures clean
+
+$(PY):
+	python3 -m venv .venv
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q setuptools wheel pybind11 ninja
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build *.egg-info fastpred/*.so $(STAMP)

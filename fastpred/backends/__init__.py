@@ -1,0 +1,111 @@
+"""The one dispatch point: which implementation computes each step of the update.
+
+A backend is a named set of four functions with the signatures of
+:mod:`fastpred.backends.reference` (``corr_ema_``, ``gram``, ``eigh``, ``rebuild``).
+A backend module may leave a step to the reference by not defining it, and may
+define ``supports(device) -> bool``. Backends are imported lazily, the first time
+they are asked for, so ``import fastpred`` never pulls in Triton, CuPy or the
+compiled extension.
+
+``"auto"`` picks, per device, the fastest implementation measured for each step
+(``bench/``); ``"torch"`` is the reference itself.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+STEPS = ("gram", "corr_ema_", "eigh", "rebuild")
+
+# name -> (module that provides it, what to do when it is missing)
+_PROVIDERS: dict[str, tuple[str, str]] = {
+    "torch": ("fastpred.backends.reference", ""),
+    "triton": (
+        "fastpred.backends.triton",
+        "Install triton (pip install triton) and run on a CUDA device "
+        "(or set TRITON_INTERPRET=1 before importing fastpred to run on CPU tensors).",
+    ),
+    "csrc": (
+        "fastpred.backends.csrc",
+        "Build the compiled extension: pip install -e . --no-build-isolation.",
+    ),
+    "cupy": (
+        "fastpred.backends.cupy",
+        "Install the CUDA extra (pip install 'fastpred[cuda]') and run on a CUDA device.",
+    ),
+}
+
+BACKEND_NAMES = ("auto",) + tuple(_PROVIDERS)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Resolved implementations of each step for one device."""
+
+    name: str
+    gram: Callable
+    corr_ema_: Callable
+    eigh: Callable
+    rebuild: Callable
+
+
+def check_name(backend: str) -> None:
+    """Raise ValueError naming ``backend`` when it is not a known backend name."""
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+
+
+def _load(name: str, device: torch.device):
+    module_name, hint = _PROVIDERS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RuntimeError(f"backend {name!r} is not available: {err}. {hint}".strip()) from err
+    supports = getattr(module, "supports", None)
+    if supports is not None and not supports(device):
+        raise RuntimeError(f"backend {name!r} does not run on device {device}. {hint}".strip())
+    return module
+
+
+def _auto_choice(device: torch.device) -> dict[str, str]:
+    """Which backend computes each step under ``backend="auto"`` on ``device``.
+
+    Until the faster backends are measured on a device, every step uses the reference.
+    """
+    return {step: "torch" for step in STEPS}
+
+
+_resolved: dict[tuple[str, torch.device], Backend] = {}
+
+
+def resolve(backend: str, device: torch.device | str) -> Backend:
+    """Return the implementations of every step for ``backend`` on ``device``.
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: a named backend that cannot run here (not installed, or not
+            on this device); the message says what to install.
+    """
+    check_name(backend)
+    device = torch.device(device)
+    key = (backend, device)
+    if key not in _resolved:
+        _resolved[key] = _resolve(backend, device)
+    return _resolved[key]
+
+
+def _resolve(backend: str, device: torch.device) -> Backend:
+    if backend == "auto":
+        choice = _auto_choice(device)
+    else:
+        choice = {step: backend for step in STEPS}
+    steps = {}
+    for step, name in choice.items():
+        module = _load(name, device)
+        steps[step] = getattr(module, step, getattr(reference, step))
+    return Backend(name=backend, **steps)

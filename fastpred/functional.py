@@ -1,0 +1,170 @@
+"""DirectPred as pure functions: the correlation EMA (Eq. 19), the eigenvalue map
+and the weight rebuild (Eq. 18).
+
+These are the one implementation of the mathematics in fastpred: the
+:class:`~fastpred.DirectPredictor` module, the trainer and the benchmarks all call
+them. Each takes a ``backend=`` argument resolved by :mod:`fastpred.backends`
+(``"auto"`` = fastest measured on the tensor's device, ``"torch"`` = the plain
+PyTorch reference every other backend is tested against).
+
+Every function accepts leading batch dimensions: ``x`` ``(..., N, d)``, ``corr``
+``(..., d, d)``, eigenvalues ``(..., d)``, so several predictors update at once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import reference
+
+EPS_MODES = ("relative", "absolute")
+
+
+class EighError(RuntimeError):
+    """The eigendecomposition failed, in float32 and again in float64 with jitter."""
+
+
+def check_map_args(*, eps: float, power: float, eps_mode: str, min_eig: float) -> None:
+    """Raise ValueError/TypeError naming the offending eigenvalue-map argument."""
+    for name, value in (("eps", eps), ("power", power), ("min_eig", min_eig)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not power > 0:
+        raise ValueError(f"power must be > 0, got {power!r}")
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+
+
+def corr_ema_(
+    corr: Tensor,
+    x: Tensor,
+    rho: float,
+    *,
+    first: bool = False,
+    mean: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Update the running correlation in place (Eq. 19).
+
+    ``corr <- rho * corr + (1 - rho) * x^T x / N``, or ``corr <- x^T x / N`` when
+    ``first`` (the authors' trainer sets F to the first batch correlation rather
+    than blending it with zeros). F is a correlation, not a covariance: x is not
+    centred (the paper reports centring hurts). The per-sample outer products are
+    never formed. ``mean``, when given, receives the same EMA of the batch mean
+    (for ``zero_mean``: the covariance is ``corr - mean mean^T``).
+
+    Args:
+        corr: float32 ``(..., d, d)``, updated in place.
+        x: ``(..., N, d)`` float32, bfloat16 or float16; accumulated in float32.
+        rho: EMA coefficient in [0, 1).
+        first: overwrite instead of blending.
+        mean: optional float32 ``(..., d)`` running mean, updated in place.
+        backend: see :mod:`fastpred.backends`.
+
+    Returns:
+        ``corr``.
+    """
+    weight = 1.0 if first else 1.0 - rho
+    impl = backends.resolve(backend, corr.device)
+    return impl.corr_ema_(corr, x, weight, mean)
+
+
+def eig_map(
+    s: Tensor,
+    *,
+    eps: float = 0.1,
+    power: float = 0.5,
+    eps_mode: str = "relative",
+    min_eig: float = 1e-4,
+    backend: str = "auto",
+) -> Tensor:
+    """Map eigenvalues s of F to eigenvalues p of W_p (Eq. 18 and the authors' form).
+
+    ``eps_mode="relative"`` (default; the authors' ``boost_scale``, which produced
+    the paper's tables): ``p = (max(s,0)/max(s)) ** power + eps``, then
+    ``p = max(p, min_eig)``. ``eps_mode="absolute"`` (Eq. 18 as printed):
+    ``p = max(s,0) ** power + eps * max(s)``. ``power=0.5`` is DirectPred,
+    ``power=1`` DirectCopy-style. If ``max(s) <= 0`` (F all zeros), relative
+    mode gives ``p = max(eps, min_eig)`` and absolute mode ``p = 0``.
+
+    The map is elementwise and the same on every device: ``backend`` is accepted
+    for a uniform signature and only checked.
+    """
+    backends.check_name(backend)
+    check_map_args(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
+    return reference.eig_map(s, eps, power, eps_mode, min_eig)
+
+
+def symmetric_eigh(corr: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric matrix with the fallbacks a long run needs.
+
+    The backend's solver first; if it fails (or, on CPU, returns non-finite
+    values), the reference in float64; if that fails, float64 again with a jitter
+    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are float32.
+
+    Raises:
+        EighError: all three attempts failed.
+    """
+    impl = backends.resolve(backend, corr.device)
+    attempts = [lambda: impl.eigh(corr), lambda: reference.eigh(corr.double())]
+
+    def jittered():
+        c = corr.double()
+        d = c.shape[-1]
+        scale = c.diagonal(dim1=-2, dim2=-1).abs().sum(-1) / d + 1e-12  # (...)
+        eye = torch.eye(d, dtype=c.dtype, device=c.device)
+        return reference.eigh(c + 1e-6 * scale[..., None, None] * eye)
+
+    attempts.append(jittered)
+    errors = []
+    for attempt in attempts:
+        try:
+            s, u = attempt()
+        except (RuntimeError, torch.linalg.LinAlgError) as err:  # LinAlgError, cuSOLVER errors
+            errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            continue
+        # A host check is free on CPU; GPU solvers report failures themselves.
+        if s.device.type == "cpu" and not (torch.isfinite(s).all() and torch.isfinite(u).all()):
+            errors.append("non-finite eigenpairs")
+            continue
+        return s.float(), u.float()
+    raise EighError("eigendecomposition failed: " + "; ".join(errors))
+
+
+def directpred_weight(
+    corr: Tensor,
+    *,
+    eps: float = 0.1,
+    power: float = 0.5,
+    eps_mode: str = "relative",
+    min_eig: float = 1e-4,
+    backend: str = "auto",
+) -> Tensor:
+    """The DirectPred predictor for a correlation matrix: ``W = U diag(p) U^T`` (Eq. 18).
+
+    ``corr = U diag(s) U^T`` (only its lower triangle is read), ``p = eig_map(s)``.
+    The result is symmetric and shares corr's eigenvectors. When the map is known
+    to be non-negative it is formed as ``V V^T`` with ``V = U diag(sqrt p)``.
+
+    Args:
+        corr: symmetric ``(..., d, d)``.
+        eps, power, eps_mode, min_eig: see :func:`eig_map`.
+        backend: see :mod:`fastpred.backends`.
+
+    Returns:
+        float32 ``(..., d, d)``.
+
+    Raises:
+        EighError: the eigendecomposition failed even in float64 (see
+            :func:`symmetric_eigh`).
+    """
+    check_map_args(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
+    s, u = symmetric_eigh(corr, backend=backend)
+    impl = backends.resolve(backend, corr.device)
+    return impl.rebuild(s, u, eps, power, eps_mode, min_eig)
+
+
+def covariance(corr: Tensor, mean: Tensor) -> Tensor:
+    """``corr - mean mean^T``: the covariance behind a correlation and its mean."""
+    return corr - mean.unsqueeze(-1) * mean.unsqueeze(-2)

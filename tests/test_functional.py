@@ -1,0 +1,147 @@
+"""fastpred.functional against hand-computed values and the NumPy model."""
+import numpy as np
+import pytest
+import torch
+
+from fastpred import functional as F
+from reference_numpy import directpred_weight as np_weight
+from reference_numpy import eig_map as np_eig_map
+
+
+def test_eig_map_hand_computed_values():
+    s = torch.tensor([4.0, 1.0, 0.0, -1.0])
+    # relative: s/max = [1, .25, 0, 0] -> sqrt -> [1, .5, 0, 0] -> + 0.1
+    rel = F.eig_map(s, eps=0.1, power=0.5, eps_mode="relative", min_eig=1e-4)
+    torch.testing.assert_close(rel, torch.tensor([1.1, 0.6, 0.1, 0.1]))
+    # absolute (Eq. 18): sqrt([4, 1, 0, 0]) + 0.1 * 4
+    ab = F.eig_map(s, eps=0.1, power=0.5, eps_mode="absolute", min_eig=1e-4)
+    torch.testing.assert_close(ab, torch.tensor([2.4, 1.4, 0.4, 0.4]))
+    # power 1 (DirectCopy-style), eps 0: the clamp at min_eig shows
+    cp = F.eig_map(s, eps=0.0, power=1.0, eps_mode="relative", min_eig=1e-4)
+    torch.testing.assert_close(cp, torch.tensor([1.0, 0.25, 1e-4, 1e-4]))
+
+
+@pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
+def test_zero_correlation_gives_documented_finite_weight(eps_mode):
+    w = F.directpred_weight(torch.zeros(5, 5), eps=0.1, eps_mode=eps_mode)
+    expected = 0.1 * torch.eye(5) if eps_mode == "relative" else torch.zeros(5, 5)
+    torch.testing.assert_close(w, expected)
+
+
+@pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
+@pytest.mark.parametrize("power", [0.5, 1.0])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_eig_map_matches_numpy(eps_mode, power, eps):
+    s = torch.linspace(-0.5, 3.0, 17, dtype=torch.float64)
+    got = F.eig_map(s, eps=eps, power=power, eps_mode=eps_mode, min_eig=1e-4)
+    np.testing.assert_allclose(got.numpy(), np_eig_map(s.numpy(), eps, power, eps_mode, 1e-4), rtol=1e-12)
+
+
+def _data(n, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    return (torch.randn(n, d, generator=g) @ mix + 0.3).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+def test_corr_ema_matches_outer_product_average(shape):
+    d, n, rho = 7, 33, 0.3
+    xs = [_data(n, d, seed=i) for i in range(3)]
+    if shape:
+        xs = [torch.stack([_data(n, d, seed=10 * i + b) for b in range(shape[0])]) for i in range(3)]
+    corr = torch.zeros(*shape, d, d)
+    mean = torch.zeros(*shape, d)
+    ref_f = ref_m = None
+    for i, x in enumerate(xs):
+        F.corr_ema_(corr, x, rho, first=i == 0, mean=mean, backend="torch")
+        xd = x.double().numpy()
+        batch = np.einsum("...ni,...nj->...ij", xd, xd) / n
+        bmean = xd.mean(axis=-2)
+        ref_f = batch if ref_f is None else rho * ref_f + (1 - rho) * batch
+        ref_m = bmean if ref_m is None else rho * ref_m + (1 - rho) * bmean
+    np.testing.assert_allclose(corr.numpy(), ref_f, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean.numpy(), ref_m, rtol=1e-5, atol=1e-6)
+
+
+def test_corr_ema_first_ignores_garbage_in_corr():
+    corr = torch.full((4, 4), float("nan"))
+    x = _data(9, 4)
+    F.corr_ema_(corr, x, 0.3, first=True)
+    torch.testing.assert_close(corr, x.T @ x / 9)
+
+
+def test_corr_ema_accepts_half_precision_and_accumulates_in_float32():
+    x = _data(50, 6, dtype=torch.float16)
+    corr = torch.zeros(6, 6)
+    F.corr_ema_(corr, x, 0.3, first=True)
+    assert corr.dtype == torch.float32
+    torch.testing.assert_close(corr, x.double().T @ x.double() / 50, rtol=1e-5, atol=1e-6, check_dtype=False)
+
+
+@pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_directpred_weight_matches_numpy_and_shares_eigenvectors(eps_mode, power):
+    x = _data(200, 12)
+    corr = x.T @ x / 200
+    w = F.directpred_weight(corr, eps=0.1, power=power, eps_mode=eps_mode)
+    ref = np_weight(corr.double().numpy(), 0.1, power, eps_mode, 1e-4)
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    torch.testing.assert_close(w, w.T, rtol=0, atol=1e-6)
+    # Same eigenvectors <=> W and F commute.
+    comm = w.double() @ corr.double() - corr.double() @ w.double()
+    assert comm.abs().max() < 1e-4 * corr.abs().max() * w.abs().max()
+
+
+def test_directpred_weight_batched_equals_loop():
+    corrs = torch.stack([(lambda x: x.T @ x / 40)(_data(40, 9, seed=s)) for s in range(4)])
+    batched = F.directpred_weight(corrs)
+    for b in range(4):
+        torch.testing.assert_close(batched[b], F.directpred_weight(corrs[b]), rtol=1e-5, atol=1e-6)
+
+
+def test_negative_absolute_eps_uses_general_rebuild():
+    corr = torch.diag(torch.tensor([4.0, 1.0, 0.0]))
+    w = F.directpred_weight(corr, eps=-0.5, eps_mode="absolute")
+    # p = sqrt([0, 1, 4]) - 0.5 * 4 = [-2, -1, 0] in ascending eigen order of diag(4, 1, 0)
+    torch.testing.assert_close(w, torch.diag(torch.tensor([0.0, -1.0, -2.0])), atol=1e-6, rtol=0)
+
+
+def test_eigh_falls_back_to_float64(monkeypatch):
+    corr = (lambda x: x.T @ x / 30)(_data(30, 5))
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky(a, *args, **kwargs):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("injected failure")
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    w = F.directpred_weight(corr, backend="torch")
+    assert calls == [torch.float32, torch.float64]
+    np.testing.assert_allclose(w.numpy(), np_weight(corr.double().numpy(), 0.1, 0.5, "relative", 1e-4), atol=1e-5)
+
+
+def test_eigh_error_when_every_attempt_fails(monkeypatch):
+    def broken(a, *args, **kwargs):
+        raise torch.linalg.LinAlgError("injected failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(F.EighError, match="injected failure"):
+        F.directpred_weight(torch.eye(3), backend="torch")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(power=0.0), ValueError, "power"),
+        (dict(power=-1.0), ValueError, "power"),
+        (dict(eps_mode="scaled"), ValueError, "eps_mode"),
+        (dict(eps="0.1"), TypeError, "eps"),
+        (dict(backend="cuda-magic"), ValueError, "backend"),
+    ],
+)
+def test_bad_map_arguments_are_named(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        F.directpred_weight(torch.eye(3), **kwargs)
