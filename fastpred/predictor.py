@@ -141,7 +141,7 @@ class DirectPredictor(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (N, {self.dim}), got {tuple(x.shape)}")
         if x.device != self.corr.device:
-            raise ValueError(f"x is on {x.device} but the predictor is on {self.corr.device}; move one of them")
+            raise ValueError(f"x is on device {x.device} but the predictor is on device {self.corr.device}; move one of them")
 
     def _rebuild_due(self) -> bool:
         # After statistics update k = steps - 1, rebuild when k % freq == 0.

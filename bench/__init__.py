@@ -1,0 +1,1 @@
+"""fastpred microbenchmarks (timings live here, never in tests/)."""
