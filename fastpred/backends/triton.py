@@ -1,0 +1,79 @@
+"""The ``"triton"`` backend: fused Triton kernels for the statistics update and the rebuild.
+
+Same signatures and mathematics as :mod:`fastpred.backends.reference`; ``eigh``
+is not defined here, so the dispatch point uses the reference's. The kernels
+(:mod:`fastpred.kernels.triton_corr`, :mod:`fastpred.kernels.triton_rebuild`) are
+exposed as PyTorch operators (``torch.ops.fastpred.triton_corr_ema_``,
+``triton_gram``, ``triton_rebuild``) through ``torch.library.triton_op``, so they
+compose with ``torch.compile``.
+
+Runs on CUDA tensors, and on CPU tensors through the Triton interpreter when
+``TRITON_INTERPRET=1`` was set before this module was imported (slow: for tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ..kernels import triton_corr, triton_rebuild  # noqa: F401  (registers the fastpred::triton_* ops)
+
+__all__ = ["supports", "corr_ema_", "gram", "rebuild"]
+
+
+def _interpreting() -> bool:
+    # The variable must have been set before the kernels were defined (at import):
+    # only then are they interpreted functions that accept CPU tensors.
+    return os.environ.get("TRITON_INTERPRET") == "1" and triton_corr.INTERPRETED
+
+
+def supports(device: torch.device | str) -> bool:
+    """True on CUDA devices; on CPU only under ``TRITON_INTERPRET=1``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _interpreting()
+
+
+def corr_ema_(corr: Tensor, x: Tensor, weight: float | Tensor, mean: Tensor | None = None) -> Tensor:
+    """Eq. 19 in place, as :func:`fastpred.backends.reference.corr_ema_`.
+
+    ``corr <- corr + weight * (x^T x / N - corr)`` from one fused kernel that
+    computes each lower-triangle tile once and mirrors it; ``weight == 1``
+    overwrites (old values never read). Only the lower triangle of ``corr`` is
+    read, and the result is exactly symmetric.
+
+    Args:
+        corr: float32 ``(..., d, d)``, symmetric, updated in place.
+        x: ``(..., N, d)`` float32, float16 or bfloat16 (accumulated in float32).
+        weight: a float in [0, 1], or a 0-dim tensor on ``corr``'s device (read by
+            the kernel: no host sync).
+        mean: optional float32 ``(..., d)``, gets the same EMA of the batch mean.
+
+    Returns:
+        ``corr``.
+
+    Raises:
+        TypeError, ValueError: dtypes, shapes or devices that do not match.
+    """
+    if isinstance(weight, Tensor):
+        torch.ops.fastpred.triton_corr_ema_(corr, x, weight, 0.0, mean)
+    else:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"weight must be a float or a 0-dim tensor, got {weight!r}")
+        torch.ops.fastpred.triton_corr_ema_(corr, x, None, float(weight), mean)
+    return corr
+
+
+def gram(x: Tensor) -> Tensor:
+    """``x^T x`` in float32, ``(..., d, d)``, as :func:`fastpred.backends.reference.gram`."""
+    return torch.ops.fastpred.triton_gram(x)
+
+
+def rebuild(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:
+    """``W = U diag(p) U^T``, ``p = eig_map(s)`` computed in the kernel (Eq. 18).
+
+    As :func:`fastpred.backends.reference.rebuild`; the output is exactly symmetric.
+    """
+    return torch.ops.fastpred.triton_rebuild(s, u, float(eps), float(power), eps_mode, float(min_eig))
