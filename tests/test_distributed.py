@@ -31,7 +31,7 @@ def worker(rank, world, init_file, out_dir, kwargs):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(zero_mean=True, freq=2)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(zero_mean=True, freq=2), dict(partitions=2)])
 def test_two_ranks_agree_with_one_process_on_the_union(tmp_path, kwargs):
     mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path), kwargs), nprocs=2, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
