@@ -62,9 +62,9 @@ def simulate_decoupled(p0, s0, *, tau: float = 1.0, alpha_p: float = 1.0,
         p0: initial predictor eigenvalue(s) ``p_j(0)``; scalar or array (one
             entry per mode).
         s0: initial eigenvalue(s) ``s_j(0)`` of ``F = W W^T``; same shape as ``p0``.
-        tau: ``W_a = tau W`` (Assumption 1). Fixed when ``beta is None``
-            (``tau = 1`` is SimSiam); otherwise ``tau_j(0)``, after which each
-            mode's ``tau_j`` follows Eq. 13.
+        tau: ``W_a = tau W`` (Assumption 1), a scalar or one value per mode.
+            Fixed when ``beta is None`` (``tau = 1`` is SimSiam); otherwise
+            ``tau_j(0)``, after which each mode's ``tau_j`` follows Eq. 13.
         alpha_p: predictor learning-rate ratio (Eq. 2).
         beta: EMA rate of Eq. 4, or ``None`` for a fixed ``tau``.
         eta: weight decay.
@@ -93,7 +93,12 @@ def simulate_decoupled(p0, s0, *, tau: float = 1.0, alpha_p: float = 1.0,
         raise ValueError(f"p0 and s0 must broadcast; got shapes {p0.shape} and {s0.shape}") from err
     if beta is not None and not (np.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be None or a finite number >= 0, got {beta!r}")
-    tau0 = np.full(p0.shape, float(tau))
+    try:
+        tau0 = np.broadcast_to(np.asarray(tau, dtype=np.float64), p0.shape).copy()
+    except ValueError as err:
+        raise ValueError(f"tau must broadcast to the modes' shape {p0.shape}; "
+                         f"got shape {np.shape(tau)}") from err
+    tau = tau0
 
     if beta is None:
         def field(_t, y):

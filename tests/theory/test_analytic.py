@@ -58,11 +58,11 @@ def test_fixed_points_reject_bad_input():
 
 
 def test_tau_closed_form_constant_p():
-    """Eq. 15 with constant p is by hand tau(t) = 1 - exp(-beta t) (trapezoid error O(dt^2))."""
+    """Eq. 15 with constant p is by hand tau(t) = 1 - exp(-beta t)."""
     t = np.linspace(0, 10, 2001)
     p = np.full((t.size, 3), 0.7)
     tau = tau_closed_form(t, p, beta=0.4)
-    np.testing.assert_allclose(tau, (1 - np.exp(-0.4 * t))[:, None] * np.ones(3), atol=1e-6)
+    np.testing.assert_allclose(tau, (1 - np.exp(-0.4 * t))[:, None] * np.ones(3), atol=1e-12)
 
 
 def test_tau_closed_form_exponential_p():
@@ -70,7 +70,7 @@ def test_tau_closed_form_exponential_p():
     a, beta = 0.3, 0.5
     t = np.linspace(0, 8, 4001)
     tau = tau_closed_form(t, np.exp(a * t), beta)
-    np.testing.assert_allclose(tau, beta * (1 - np.exp(-(a + beta) * t)) / (a + beta), atol=1e-6)
+    np.testing.assert_allclose(tau, beta * (1 - np.exp(-(a + beta) * t)) / (a + beta), atol=1e-12)
 
 
 def test_K_mode_is_eigenvalue_of_K_matrix_when_aligned():
