@@ -176,28 +176,30 @@ def corr_ema_kernel(
     rows = bi * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) feature indices of the tile rows
     cols = bj * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) feature indices of the tile columns
     ks = tl.arange(0, BLOCK_K)
-    x_base = x_ptr + batch * stride_xb
+    # Samples k0 .. k0 + BLOCK_K of this matrix; advancing the pointer keeps every
+    # offset below BLOCK_K * stride (int32) however large N * d is.
+    x_chunk = x_ptr + batch * stride_xb
 
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)  # X[:, rows]^T X[:, cols]
     col_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)  # sum over samples of X[:, rows]
     for k0 in range(0, n_rows, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < n_rows
+        k_ok = k0 + ks < n_rows
         # (BLOCK_D, BLOCK_K): X[k, rows]^T, loaded transposed through the strides
         a = tl.load(
-            x_base + rows[:, None] * stride_xd + k[None, :] * stride_xn,
+            x_chunk + rows[:, None] * stride_xd + ks[None, :] * stride_xn,
             mask=(rows[:, None] < d) & k_ok[None, :],
             other=0.0,
         ).to(tl.float32)
         # (BLOCK_K, BLOCK_D): X[k, cols]
         b = tl.load(
-            x_base + k[:, None] * stride_xn + cols[None, :] * stride_xd,
+            x_chunk + ks[:, None] * stride_xn + cols[None, :] * stride_xd,
             mask=k_ok[:, None] & (cols[None, :] < d),
             other=0.0,
         ).to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if HAS_MEAN:
             col_sum += tl.sum(a, axis=1)
+        x_chunk += BLOCK_K * stride_xn
 
     if WEIGHT_FROM_PTR:
         w = tl.load(weight_ptr).to(tl.float32)
@@ -230,6 +232,8 @@ def corr_ema_kernel(
 # ---------------------------------------------------------------------------
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Offsets inside one d x d matrix are int32 (batch offsets are int64).
+MAX_DIM = 46340  # floor(sqrt(2**31 - 1))
 
 
 def _check_inputs(corr: Tensor, x: Tensor, weight_tensor: Tensor | None, mean: Tensor | None) -> None:
@@ -240,6 +244,8 @@ def _check_inputs(corr: Tensor, x: Tensor, weight_tensor: Tensor | None, mean: T
     d = x.shape[-1]
     if x.shape[-2] == 0:
         raise ValueError("x must hold at least one sample (N >= 1), got N = 0")
+    if d > MAX_DIM:
+        raise ValueError(f"d must be at most {MAX_DIM} (int32 offsets inside a d x d matrix), got {d}")
     if corr.dtype != torch.float32:
         raise TypeError(f"corr must be float32, got {corr.dtype}")
     if tuple(corr.shape) != tuple(x.shape[:-2]) + (d, d):

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .triton_corr import (
+    MAX_DIM,
     TileConfig,
     define_op,
     fp32_input_precision,
@@ -171,6 +172,8 @@ def rebuild_launch(
     """
     if u.dim() < 2 or u.shape[-1] != u.shape[-2]:
         raise ValueError(f"u must be (..., d, d), got shape {tuple(u.shape)}")
+    if u.shape[-1] > MAX_DIM:
+        raise ValueError(f"d must be at most {MAX_DIM} (int32 offsets inside a d x d matrix), got {u.shape[-1]}")
     if tuple(s.shape) != tuple(u.shape[:-1]):
         raise ValueError(f"s must have shape {tuple(u.shape[:-1])} for u of shape {tuple(u.shape)}, got {tuple(s.shape)}")
     if s.dtype != torch.float32 or u.dtype != torch.float32:
