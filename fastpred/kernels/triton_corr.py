@@ -94,6 +94,16 @@ def lower_tiles(d: int, block_d: int) -> int:
     return t * (t + 1) // 2
 
 
+# CUDA caps grid axis 1 (the batch axis here) at 65535 programs.
+MAX_BATCH = 65535
+
+
+def check_batch(batch: int) -> None:
+    """Raise ValueError when the flattened batch does not fit the launch grid."""
+    if batch > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} matrices per launch (grid axis 1), got a batch of {batch}")
+
+
 def fp32_input_precision() -> str:
     """``tl.dot`` precision for fp32 operands, following torch's matmul setting."""
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -296,6 +306,7 @@ def corr_ema_launch(
     batch = math.prod(batch_shape)
     if d == 0 or batch == 0:
         return
+    check_batch(batch)
     config = config or pick_config(d)
     scale = 1.0 / n if scale is None else float(scale)
 
@@ -407,6 +418,8 @@ def triton_corr_ema_(
 def triton_gram(x: Tensor) -> Tensor:
     """``x^T x`` in float32, ``(..., d, d)``, from the lower-triangle tiles mirrored."""
     d = x.shape[-1]
+    if x.dim() >= 2 and x.shape[-2] == 0:
+        return x.new_zeros(tuple(x.shape[:-2]) + (d, d), dtype=torch.float32)  # empty sum
     out = torch.empty(tuple(x.shape[:-2]) + (d, d), dtype=torch.float32, device=x.device)
     # Weight 1: the (uninitialised) output is never read, only written.
     corr_ema_launch(out, x, None, 1.0, None, scale=1.0)

@@ -37,6 +37,7 @@ from torch.library import wrap_triton
 from .triton_corr import (
     MAX_DIM,
     TileConfig,
+    check_batch,
     define_op,
     fp32_input_precision,
     lower_tile_coords,
@@ -190,6 +191,7 @@ def rebuild_launch(
     w = torch.empty(u.shape, dtype=torch.float32, device=u.device)
     if d == 0 or batch == 0:
         return w
+    check_batch(batch)
     config = config or pick_config(d)
     s2 = s.reshape(batch, d)
     u3 = u.reshape(batch, d, d)  # strides kept when it is a view (eigh's U is column-major)
