@@ -299,6 +299,52 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(mean_a, mean_b, **TOL)
 
 
+# The GPU registration traced without a GPU: kernels compiled for CUDA (no
+# interpreter), fake CUDA tensors, AOT autograd's functionalization. The graph must
+# hold the Triton kernels themselves (the triton_op decomposition inductor compiles),
+# not an opaque call. Run in a subprocess: TRITON_INTERPRET is read at import.
+_TRACE_GPU_OPS = """
+import torch
+from functorch.compile import aot_function
+from torch._subclasses.fake_tensor import FakeTensorMode
+from fastpred.kernels import triton_corr, triton_rebuild
+assert not triton_corr.INTERPRETED
+graphs = []
+def keep(gm, _):
+    graphs.append(gm.code)
+    return gm
+def update(corr, x, w, mean):
+    torch.ops.fastpred.triton_corr_ema_(corr, x, w, 0.0, mean)
+    return corr + 0, mean + 0
+def rebuild(s, u):
+    return torch.ops.fastpred.triton_rebuild(s, u, 0.1, 0.5, "relative", 1e-4)
+with FakeTensorMode(allow_non_fake_inputs=True):
+    cuda = dict(device="cuda")
+    aot_function(update, fw_compiler=keep)(
+        torch.empty(200, 200, **cuda), torch.empty(77, 200, dtype=torch.bfloat16, **cuda),
+        torch.empty((), **cuda), torch.empty(200, **cuda))
+    aot_function(rebuild, fw_compiler=keep)(torch.empty(200, **cuda), torch.empty(200, 200, **cuda))
+for code in graphs:
+    assert "triton_kernel_wrapper_functional" in code, code
+assert "corr_ptr" in graphs[0] and "w_ptr" in graphs[1]
+print("TRACED", len(graphs))
+"""
+
+
+def test_gpu_registration_traces_into_kernels_without_gpu():
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: test_gpu_inductor_compile compiles for real")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _TRACE_GPU_OPS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and "TRACED 2" in done.stdout, done.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------
 # GPU only (skipped here): TF32, inductor, races
 # ---------------------------------------------------------------------------
