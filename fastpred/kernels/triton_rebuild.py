@@ -176,7 +176,9 @@ def rebuild_launch(
     if u.shape[-1] > MAX_DIM:
         raise ValueError(f"d must be at most {MAX_DIM} (int32 offsets inside a d x d matrix), got {u.shape[-1]}")
     if tuple(s.shape) != tuple(u.shape[:-1]):
-        raise ValueError(f"s must have shape {tuple(u.shape[:-1])} for u of shape {tuple(u.shape)}, got {tuple(s.shape)}")
+        raise ValueError(
+            f"s must have shape {tuple(u.shape[:-1])} for u of shape {tuple(u.shape)}, got {tuple(s.shape)}"
+        )
     if s.dtype != torch.float32 or u.dtype != torch.float32:
         raise TypeError(f"s and u must be float32, got {s.dtype} and {u.dtype}")
     if s.device != u.device:

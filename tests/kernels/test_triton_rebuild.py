@@ -112,7 +112,10 @@ def test_batched_unsorted_and_strided():
     w = tb.rebuild(s, u, *args)
     w_t = tb.rebuild(s, u.mT.contiguous().mT, *args)  # same values, column-major
 
-    expected = torch.stack([torch.stack([reference.rebuild(s[i, j], u[i, j], *args) for j in range(3)]) for i in range(2)])
+    expected = torch.empty_like(w)
+    for i in range(2):
+        for j in range(3):
+            expected[i, j] = reference.rebuild(s[i, j], u[i, j], *args)
     torch.testing.assert_close(w, expected, **TOL)
     assert torch.equal(w, w_t)
     assert torch.equal(w, w.mT)
