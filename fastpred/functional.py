@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, solvers
 from .backends import reference
 
 EPS_MODES = ("relative", "absolute")
@@ -140,6 +140,8 @@ def directpred_weight(
     eps_mode: str = "relative",
     min_eig: float = 1e-4,
     backend: str = "auto",
+    solver: str = "eigh",
+    solver_state: Tensor | None = None,
 ) -> Tensor:
     """The DirectPred predictor for a correlation matrix: ``W = U diag(p) U^T`` (Eq. 18).
 
@@ -151,6 +153,11 @@ def directpred_weight(
         corr: symmetric ``(..., d, d)``.
         eps, power, eps_mode, min_eig: see :func:`eig_map`.
         backend: see :mod:`fastpred.backends`.
+        solver: ``"eigh"`` (default: a full eigendecomposition), ``"newton_schulz"``
+            (power 0.5 only; matmuls only) or ``"warm"`` (refines the previous
+            basis, full eigh when F moved too far); see :mod:`fastpred.solvers`.
+        solver_state: the state those two keep between calls, from
+            :func:`fastpred.solvers.init_state`, updated in place.
 
     Returns:
         float32 ``(..., d, d)``.
@@ -160,9 +167,26 @@ def directpred_weight(
             :func:`symmetric_eigh`).
     """
     check_map_args(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
+    check_solver(solver, power)
+    if solver == "newton_schulz":
+        return solvers.newton_schulz_weight(corr, solver_state, eps=eps, eps_mode=eps_mode, min_eig=min_eig)
+    if solver == "warm":
+        weight, _ = solvers.warm_eigh_weight(
+            corr, solver_state, lambda c: symmetric_eigh(c, backend=backend),
+            eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig,
+        )
+        return weight
     s, u = symmetric_eigh(corr, backend=backend)
     impl = backends.resolve(backend, corr.device)
     return impl.rebuild(s, u, eps, power, eps_mode, min_eig)
+
+
+def check_solver(solver: str, power: float) -> None:
+    """Raise ValueError naming ``solver`` when it is unknown or cannot serve ``power``."""
+    if solver not in solvers.SOLVERS:
+        raise ValueError(f"solver must be one of {solvers.SOLVERS}, got {solver!r}")
+    if solver == "newton_schulz" and power != 0.5:
+        raise ValueError(f"solver='newton_schulz' computes power 0.5 only, got power={power!r}")
 
 
 def covariance(corr: Tensor, mean: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from . import backends, functional
+from . import backends, functional, solvers
 
 # |x| above this would overflow x^T x in float32 for any realistic dim: treat as bad data.
 _MAX_ABS_FEATURE = 1e17
@@ -65,6 +65,10 @@ class DirectPredictor(nn.Module):
             from statistics that already included the current batch: here the
             rebuild follows ``freq`` and the order above, like the plain predictor.
             A half that receives no sample keeps its F (they blended in zeros).
+        solver: how W_p is obtained from F: ``"eigh"`` (default, exact),
+            ``"newton_schulz"`` (power 0.5; matmuls only, no host sync: for GPUs) or
+            ``"warm"`` (refines last rebuild's eigenbasis; pays off only for a slow
+            EMA, rho >= 0.9). See :mod:`fastpred.solvers`.
         async_rebuild: compute the rebuild for step t+1 right after step t's
             statistics update, on a side CUDA stream or a worker thread, so that it
             overlaps the backward pass; it is swapped in at the next forward.
@@ -110,6 +114,7 @@ class DirectPredictor(nn.Module):
         backend: str = "auto",
         partitions: int = 0,
         async_rebuild: bool = False,
+        solver: str = "eigh",
     ) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -121,11 +126,12 @@ class DirectPredictor(nn.Module):
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 0:
             raise ValueError(f"partitions must be an integer >= 0, got {partitions!r}")
         functional.check_map_args(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
+        functional.check_solver(solver, power)
         backends.check_name(backend)
         self.dim, self.rho, self.eps, self.freq = dim, float(rho), float(eps), freq
         self.power, self.eps_mode, self.min_eig = float(power), eps_mode, float(min_eig)
         self.zero_mean, self.sync, self.backend = bool(zero_mean), bool(sync), backend
-        self.partitions, self.async_rebuild = partitions, bool(async_rebuild)
+        self.partitions, self.async_rebuild, self.solver = partitions, bool(async_rebuild), solver
 
         stack = (2 * partitions,) if partitions else ()  # one F and W_p per half-space
         # nn.Linear's initialisation, as the authors' predictor: W_p before the first rebuild.
@@ -139,6 +145,10 @@ class DirectPredictor(nn.Module):
         if partitions:
             self.register_buffer("planes", torch.randn(dim, partitions))
             self.register_buffer("thresholds", torch.zeros(partitions))
+        if solver != "eigh":
+            # What the solver carries from one rebuild to the next; primed at the first one.
+            self.register_buffer("solver_state", torch.zeros_like(solvers.init_state(solver, self.corr)))
+            self._solver_primed = False
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_eigh_failures", torch.zeros((), dtype=torch.int64))
@@ -151,6 +161,7 @@ class DirectPredictor(nn.Module):
     def extra_repr(self) -> str:
         extra = f", partitions={self.partitions}" if self.partitions else ""
         extra += ", async_rebuild=True" if self.async_rebuild else ""
+        extra += f", solver={self.solver!r}" if self.solver != "eigh" else ""
         return (
             f"dim={self.dim}, rho={self.rho}, eps={self.eps}, freq={self.freq}, power={self.power}, "
             f"eps_mode={self.eps_mode!r}, zero_mean={self.zero_mean}, backend={self.backend!r}{extra}"
@@ -311,8 +322,15 @@ class DirectPredictor(nn.Module):
         return functional.covariance(self.corr, self.mean) if self.zero_mean else self.corr
 
     def _weight_from(self, corr: Tensor) -> Tensor:
+        state = None
+        if self.solver != "eigh":
+            if not self._solver_primed:
+                self.solver_state.copy_(solvers.init_state(self.solver, corr))
+                self._solver_primed = True
+            state = self.solver_state
         return functional.directpred_weight(
-            corr, eps=self.eps, power=self.power, eps_mode=self.eps_mode, min_eig=self.min_eig, backend=self.backend
+            corr, eps=self.eps, power=self.power, eps_mode=self.eps_mode, min_eig=self.min_eig,
+            backend=self.backend, solver=self.solver, solver_state=state,
         )
 
     @torch.no_grad()
@@ -379,3 +397,5 @@ def _after_load(module: DirectPredictor, incompatible_keys) -> None:
     module._steps = int(module.num_updates)
     module._skips_warned = int(module.num_skipped)
     module._pending = None
+    if module.solver != "eigh":
+        module._solver_primed = bool(module.solver_state.abs().amax() > 0)
