@@ -215,7 +215,11 @@ def ema_tau(W: np.ndarray, Wa: np.ndarray) -> np.ndarray:
 
 
 def normalized_correlation(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Cosine ``<A, B>_F / (||A||_F ||B||_F)`` over the last two axes (SM Fig. 7's measure)."""
+    """Cosine ``<A, B>_F / (||A||_F ||B||_F)`` over the last two axes (SM Fig. 7's measure).
+
+    NaN where ``A`` or ``B`` is zero (e.g. ``W_a(0) = 0``).
+    """
     num = np.sum(A * B, axis=(-2, -1))
     den = np.sqrt(np.sum(A * A, axis=(-2, -1)) * np.sum(B * B, axis=(-2, -1)))
-    return num / den
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den

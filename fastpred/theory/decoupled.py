@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._integrate import rk4
 
@@ -52,10 +53,10 @@ def tau_rate(p: np.ndarray, tau: np.ndarray, *, beta: float, eta: float = 0.0,
     return beta * (1.0 - tau) - tau * (p * (tau - (1.0 + sigma2) * p) - eta)
 
 
-def simulate_decoupled(p0, s0, *, tau: float = 1.0, alpha_p: float = 1.0,
-                       beta: float | None = None, eta: float = 0.0,
-                       sigma2: float = 0.0, t_end: float, dt: float,
-                       save_every: int = 1):
+def simulate_decoupled(p0: ArrayLike, s0: ArrayLike, *, tau: ArrayLike = 1.0,
+                       alpha_p: float = 1.0, beta: float | None = None, eta: float = 0.0,
+                       sigma2: float = 0.0, t_end: float, dt: float, save_every: int = 1
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Integrate the decoupled BYOL/SimSiam mode dynamics, Eqs. 11-13, with RK4.
 
     Args:
@@ -141,7 +142,8 @@ def scalar_field(w, wp, wa, *, lambda_s: float = 1.0, lambda_d: float = 1.0,
     return wp * err - eta * w, dwp, beta * (w - wa)
 
 
-def simulate_scalar(w0, wp0, wa0, *, lambda_s: float = 1.0, lambda_d: float = 1.0,
+def simulate_scalar(w0: ArrayLike, wp0: ArrayLike, wa0: ArrayLike, *, lambda_s: float = 1.0,
+                    lambda_d: float = 1.0,
                     alpha_p: float = 1.0, beta: float = 1.0, eta: float = 0.0,
                     predictor: bool = True, t_end: float, dt: float,
                     save_every: int = 1) -> ScalarTrajectory:

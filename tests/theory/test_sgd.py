@@ -47,10 +47,10 @@ def test_sgd_without_stop_gradient_matches_eq50_on_average():
     """Large-batch SGD gradient without stop-gradient ~ SM Eq. 50 (population moments)."""
     m, cfg = model(), LinearConfig(eta=0.05, target="online", stop_grad=False)
     W, Wp, _ = state(3)
-    x1, x2 = m.sample(400_000, np.random.default_rng(4))
+    x1, x2 = m.sample(100_000, np.random.default_rng(4))
     W1, _, _ = sgd_step(W, Wp, W, x1, x2, cfg, 1.0)
     dW, _, _ = linear_field(W, Wp, W, m.X, m.X_prime, cfg)
-    assert np.abs((W1 - W) - dW).max() < 0.02 * np.abs(dW).max()
+    assert np.abs((W1 - W) - dW).max() < 0.03 * np.abs(dW).max()
 
 
 def test_sgd_tracks_gradient_flow():
