@@ -145,3 +145,22 @@ def test_eigh_error_when_every_attempt_fails(monkeypatch):
 def test_bad_map_arguments_are_named(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         F.directpred_weight(torch.eye(3), **kwargs)
+
+
+@pytest.mark.parametrize("weight", [1.0, torch.tensor(1.0)], ids=["float", "tensor"])
+def test_first_update_overwrites_nan_corr_and_mean(weight):
+    from fastpred.backends import reference
+
+    corr, mean = torch.full((2, 3, 4, 4), float("nan")), torch.full((2, 3, 4), float("nan"))
+    x = torch.randn(2, 3, 9, 4)
+    reference.corr_ema_(corr, x, weight, mean)
+    torch.testing.assert_close(corr, x.mT @ x / 9)
+    torch.testing.assert_close(mean, x.mean(-2))
+
+
+def test_corr_ema_two_batch_dims_matches_loop():
+    corr = torch.rand(2, 3, 5, 5)
+    x = torch.randn(2, 3, 11, 5)
+    expected = torch.stack([torch.stack([0.7 * corr[i, j] + 0.3 * x[i, j].T @ x[i, j] / 11 for j in range(3)]) for i in range(2)])
+    F.corr_ema_(corr, x, 0.7, backend="torch")
+    torch.testing.assert_close(corr, expected)
