@@ -22,5 +22,17 @@ $(STAMP): $(PY) $(SOURCES)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The built-in default end to end: BYOL + DirectPred on scikit-learn's digits (CPU, minutes).
+run: $(STAMP)
+	$(PY) -m train.pretrain --out runs/digits
+
+# CPU benchmark report: bench/report.md, bench/report.json, bench/*.png (under 15 minutes here).
+bench: $(STAMP)
+	$(PY) -m bench.report --out bench
+
+# The theory figures (PNG) into figures/.
+figures: $(STAMP)
+	$(PY) -m fastpred.theory.figures --out figures
+
 clean:
 	rm -rf build *.egg-info fastpred/*.so $(STAMP)
