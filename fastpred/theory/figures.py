@@ -57,7 +57,12 @@ def fig3(out: Path) -> Path:
             ax.plot(0, 0, "o", color=STABLE, ms=9, zorder=5)
             fp = analytic.fixed_points(tau, eta, sigma2)
             if fp is not None:
-                ax.plot(fp[0], fp[0] ** 2 / alpha_p, "o", color=UNSTABLE, ms=9, zorder=5)
+                ax.plot(fp[0], fp[0] ** 2 / alpha_p, "o", color=UNSTABLE, ms=6, zorder=6)
+                if fp[0] < 0.05:   # p*_- sits next to the stable origin: say so
+                    ax.annotate(rf"$p^*_- = {fp[0]:.3f}$ (green) beside the stable origin",
+                                (fp[0], 0.0), (0.2, 0.3), fontsize=8,
+                                bbox=dict(fc="white", ec="none", alpha=0.9),
+                                arrowprops=dict(arrowstyle="->", lw=0.8))
                 ax.plot(fp[1], fp[1] ** 2 / alpha_p, "o", color=STABLE, ms=9, zorder=5)
         ax.set(xlim=(-0.6, 1.6), ylim=(0, 1.6), xlabel="$p_j$", ylabel="$s_j$",
                title=rf"$\eta = {eta:g}$")
@@ -145,7 +150,8 @@ def fig7(out: Path, runs: int = 10) -> Path:
                xlabel=r"iterations $t/\alpha$")
     axes[0].set_ylabel(r"corr$(W_a, W)$")
     axes[0].legend()
-    fig.suptitle(rf"SM Fig. 7: $W_a$ stays nearly proportional to $W$ (Assumption 1); mean $\pm$ std of {runs} runs")
+    fig.suptitle(r"SM Fig. 7: $W_a$ stays nearly proportional to $W$ (Assumption 1); "
+                 rf"mean $\pm$ std of {runs} runs")
     return _save(fig, out, "fig7_ema_assumption")
 
 
@@ -171,8 +177,8 @@ def fig8(out: Path, runs: int = 5) -> Path:
     axes[0, 0].legend(fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("t")
-    fig.suptitle(rf"SM Fig. 8: SM Eq. 60 ($\sigma^2 = 0$, mean of {runs} runs): the skew part always "
-                 r"vanishes; large $\eta$ / small $\tau$ also drag $A$ to 0 (Obs #4-5)")
+    fig.suptitle(rf"SM Fig. 8: SM Eq. 60 ($\sigma^2 = 0$, mean of {runs} runs): the skew part decays in "
+                 r"every run (slowly for small $\eta$); large $\eta$ / small $\tau$ also drag $A$ to 0 (Obs #4-5)")
     return _save(fig, out, "fig8_asymmetric_predictor")
 
 
@@ -237,7 +243,8 @@ def fig10(out: Path) -> Path:
     quiver(axes[1], dw, dwa)
     axes[1].plot(g, g, color="tab:green", lw=2, label=r"$\dot w_a = 0$: $w_a = w$")
     ww = np.linspace(-1.5, 1.5, 200)
-    axes[1].plot(ww, ww**2 * ls / ld, color="tab:blue", lw=2, label=r"$\dot w = 0$: $w^2 = w_a\lambda_d/\lambda_s$")
+    axes[1].plot(ww, ww**2 * ls / ld, color="tab:blue", lw=2,
+                 label=r"$\dot w = 0$: $w^2 = w_a\lambda_d/\lambda_s$")
     axes[1].plot(0, 0, "o", color=UNSTABLE, ms=8)
     axes[1].plot(ld / ls, ld / ls, "o", color=STABLE, ms=8)
     tr = decoupled.simulate_scalar(np.array([0.05, 1.2, 0.3]), np.array([0.05, 1.2, 0.3]),

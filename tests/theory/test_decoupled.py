@@ -18,7 +18,8 @@ def test_eq14_invariant_along_trajectories():
     c = s0 - p0**2 / alpha_p
     predicted = p**2 / alpha_p + np.exp(-2 * eta * t)[:, None] * c
     np.testing.assert_allclose(s, predicted, atol=1e-9)
-    np.testing.assert_allclose(mode_invariant(p, s, t, alpha_p=alpha_p, eta=eta), c[None].repeat(len(t), 0), atol=1e-8)
+    np.testing.assert_allclose(mode_invariant(p, s, t, alpha_p=alpha_p, eta=eta),
+                               np.broadcast_to(c, p.shape), atol=1e-8)
     assert np.abs(tau[-1] - tau[0]).max() > 0.3 and np.abs(p[-1] - p0).max() > 0.1
     # The main text's printed c_j = p_j(0)^2 / alpha_p - s_j(0) has the wrong sign:
     printed = p**2 / alpha_p - np.exp(-2 * eta * t)[:, None] * c
