@@ -3,10 +3,34 @@
 >>> import torch, fastpred
 >>> predictor = fastpred.DirectPredictor(128)
 >>> y = predictor(torch.randn(256, 128))
+
+The torch-based parts load on first use, so ``import fastpred.theory`` (NumPy only)
+does not pull in torch.
 """
-from . import backends, functional
-from .functional import EighError
-from .predictor import DirectPredictor
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["DirectPredictor", "EighError", "backends", "functional", "__version__"]
+__all__ = ["DirectPredictor", "EighError", "backends", "functional", "solvers", "theory", "__version__"]
+
+_LAZY = {
+    "DirectPredictor": ("fastpred.predictor", "DirectPredictor"),
+    "EighError": ("fastpred.functional", "EighError"),
+    "backends": ("fastpred.backends", None),
+    "functional": ("fastpred.functional", None),
+    "solvers": ("fastpred.solvers", None),
+    "theory": ("fastpred.theory", None),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fastpred' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
