@@ -1,0 +1,24 @@
+// Declarations shared by the C++ sources of fastpred._C.
+//
+// Operators (schemas in ops.cpp, namespace `fastpred`; Python wrappers and fake
+// kernels in fastpred/backends/csrc.py):
+//   corr_ema_             Eq. 19 in place, one triangle computed, mirrored   CPU, CUDA
+//   eigh                  symmetric eigendecomposition (LAPACK syevd)        CPU
+//   rebuild               W = U diag(p) U^T, p = eig_map(s) (Eq. 18)         CPU, CUDA
+//   syevd_                cuSOLVER Xsyevd matrix by matrix, caller's workspace  CUDA
+//   syevd_batched_        cuSOLVER XsyevBatched (>= 11.7.1), caller's workspace CUDA
+//   syevd_workspace_size  device and host bytes the two above need             CUDA
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include "build_info.h"
+#include "eig_map.h"
+
+namespace fastpred {
+
+// Parses "relative" / "absolute"; TORCH_CHECK names the accepted values.
+EpsMode parse_eps_mode(c10::string_view eps_mode);
+
+}  // namespace fastpred

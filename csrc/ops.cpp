@@ -1,0 +1,45 @@
+// Operator schemas of the `fastpred` namespace (the one TORCH_LIBRARY block).
+//
+// Kernels register per device with TORCH_LIBRARY_IMPL: cpu_ops.cpp (CPU),
+// cuda/kernels.cu and cuda/cusolver.cpp (CUDA). Fake (meta) kernels for
+// torch.compile live next to the Python wrappers in fastpred/backends/csrc.py.
+// Triton kernels register other names in this namespace from Python
+// (`fastpred::triton_*`, a torch.library fragment): the names here carry no prefix.
+#include <torch/library.h>
+
+#include "fastpred.h"
+
+namespace fastpred {
+
+EpsMode parse_eps_mode(c10::string_view eps_mode) {
+  if (eps_mode == "relative") return EpsMode::kRelative;
+  if (eps_mode == "absolute") return EpsMode::kAbsolute;
+  TORCH_CHECK(false, "eps_mode must be 'relative' or 'absolute', got '", std::string(eps_mode), "'");
+}
+
+}  // namespace fastpred
+
+TORCH_LIBRARY(fastpred, m) {
+  // corr <- corr + weight * (x^T x / N - corr) (Eq. 19); mean (if given) gets the
+  // same EMA of the batch mean. weight: 0-dim float tensor, on corr's device (read
+  // there, no host sync) or on the CPU. weight == 1 overwrites corr, NaN included.
+  m.def("corr_ema_(Tensor(a!) corr, Tensor x, Tensor weight, Tensor(b!)? mean=None) -> ()");
+  // Eigenvalues (ascending) and eigenvectors of the lower triangle of a symmetric
+  // (..., n, n) matrix, as torch.linalg.eigh (eigenvectors in columns,
+  // column-major strides).
+  m.def("eigh(Tensor a) -> (Tensor eigenvalues, Tensor eigenvectors)");
+  // W = U diag(p) U^T, p = eig_map(s; eps, power, eps_mode, min_eig) (Eq. 18).
+  m.def("rebuild(Tensor s, Tensor u, float eps, float power, str eps_mode, float min_eig) -> Tensor");
+  // cuSOLVER eigensolvers in place on a stack a (B, n, n) (row-major storage; the
+  // lower triangle is read; row j of a[b] receives eigenvector j), w (B, n)
+  // eigenvalues, info (B,) int32 left on the device. The caller owns (and caches)
+  // the workspaces: work_device (uint8, on a's device), work_host (uint8, CPU).
+  m.def(
+      "syevd_(Tensor(a!) a, Tensor(b!) w, Tensor(c!) info, Tensor(d!) work_device, "
+      "Tensor(e!) work_host) -> ()");
+  m.def(
+      "syevd_batched_(Tensor(a!) a, Tensor(b!) w, Tensor(c!) info, Tensor(d!) work_device, "
+      "Tensor(e!) work_host) -> ()");
+  // [device bytes, host bytes] that syevd_ (batched=False) or syevd_batched_ needs for a, w.
+  m.def("syevd_workspace_size(Tensor a, Tensor w, bool batched) -> int[]");
+}
