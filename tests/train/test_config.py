@@ -1,0 +1,73 @@
+import inspect
+
+import pytest
+
+import fastpred
+from train import config
+from train.config import Config, ConfigError, load_config
+
+PRESETS = sorted(p.stem for p in config.PRESET_DIR.glob("*.yaml"))
+
+
+def test_presets_present():
+    assert {"digits", "cifar10_r18", "stl10_r18", "imagenet_r50_300ep", "imagenet_r50_60ep"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_loads_and_round_trips(preset):
+    cfg = load_config(preset)
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+
+
+def test_digits_yaml_equals_dataclass_defaults():
+    # digits is the default: the YAML spells out the dataclass defaults, and they must not drift
+    assert load_config("digits") == Config()
+    assert load_config(None) == Config()
+
+
+def test_every_directpredictor_keyword_is_a_predictor_key():
+    params = inspect.signature(fastpred.DirectPredictor).parameters
+    keywords = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    cfg = Config()
+    for k, default in keywords.items():
+        assert getattr(cfg.predictor, k) == default
+    assert config.directpred_kwargs(cfg.predictor) == keywords
+    # a value set from the command line reaches the module
+    cfg = load_config(None, ["predictor.freq=5", "predictor.rho=0.5"])
+    assert config.directpred_kwargs(cfg.predictor)["freq"] == 5
+    assert config.directpred_kwargs(cfg.predictor)["rho"] == 0.5
+
+
+def test_overrides_are_typed():
+    cfg = load_config("cifar10_r18", ["optim.lr=1", "aug.crop_scale=[0.2, 1]", "model.ema=false", "data.root=/x"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.aug.crop_scale == (0.2, 1.0)
+    assert cfg.model.ema is False and cfg.data.root == "/x"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("predictor.nope=1", "predictor.nope"),
+    ("nope=1", "'nope'"),
+    ("optimizer.lr=1", "optimizer.lr"),
+    ("optim.lr=fast", "optim.lr"),
+    ("epochs=1.5", "epochs"),
+    ("aug.blur_p=[1.0]", "aug.blur_p"),
+    ("model=3", "model"),
+    ("no_equals_sign", "key=value"),
+])
+def test_bad_override_names_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 1\nmodel: {arch: resnet18, widht: 3}\n")
+    with pytest.raises(ConfigError, match="model.widht"):
+        load_config(str(f))
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="cifar10_r18"):
+        load_config("cifar100")

@@ -1,0 +1,5 @@
+"""BYOL / DirectPred trainer around :class:`fastpred.DirectPredictor`.
+
+Scripts: ``python -m train.pretrain``, ``python -m train.linear_eval``, ``python -m train.step_timing``.
+Presets: ``train/configs/*.yaml`` (``digits`` is the default and needs no download).
+"""

@@ -1,0 +1,315 @@
+"""One tree of dataclasses holding every hyper-parameter of a run (nanoGPT's ``GPTConfig`` shape).
+
+A run's configuration is the dataclass defaults (which are the ``digits`` preset), then a YAML
+preset, then dotted ``key=value`` overrides from the command line, e.g.
+``optim.lr=0.05 predictor.name=linear predictor.freq=5``. An unknown key is an error naming it.
+
+The ``predictor.*`` keys are ``name`` (directpred | linear | mlp | none), ``mlp_hidden``,
+``symmetric`` and, taken from the signature of :class:`fastpred.DirectPredictor` so that new
+options appear here without editing this file, every keyword argument of that class
+(``rho``, ``eps``, ``freq``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import fastpred
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration or the data location, reported without a traceback."""
+
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_PRESET = "digits"
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | stl10 | imagefolder
+    root: str = ""  # dataset folder (unused by digits, which ships with scikit-learn)
+    image_size: int = 8  # side of the training crops and of the evaluation centre crop
+    workers: int = 0  # DataLoader worker processes per rank
+
+
+@dataclass
+class AugConfig:
+    """Two-view augmentation; a pair of numbers is (view 1, view 2), as in BYOL's asymmetric recipe."""
+
+    crop_scale: tuple[float, float] = (0.4, 1.0)  # RandomResizedCrop area range
+    flip: float = 0.0  # horizontal flip probability
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.0, 0.0)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.0
+    blur_p: tuple[float, float] = (0.0, 0.0)
+    blur_kernel: float = 0.1  # Gaussian kernel side as a fraction of image_size (sigma 0.1-2)
+    solarize_p: tuple[float, float] = (0.0, 0.0)
+    normalize: bool = True  # subtract the dataset mean, divide by its std
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet_small"  # resnet_small | resnet18 | resnet50
+    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool (small images)
+    proj_hidden: int = 256  # projector MLP: Linear-BN-ReLU-Linear
+    proj_dim: int = 64
+    ema: bool = True  # False: the target is the online network itself (SimSiam-style)
+    ema_tau: float = 0.99  # target EMA coefficient (the base value when ema_schedule is cosine)
+    ema_schedule: str = "constant"  # constant | cosine (BYOL: tau rises to 1 on a cosine)
+    stop_grad: bool = True  # False needs ema=False (an EMA target is never trained)
+    symmetric_loss: bool = True  # both views predict each other; False: view 1 predicts view 2
+    sync_bn: bool = False  # SyncBatchNorm under multi-GPU DDP
+    channels_last: bool = False
+
+
+def _predictor_fields() -> list[tuple[str, Any, Any]]:
+    """The trainer's own predictor keys, then every keyword of ``fastpred.DirectPredictor``."""
+    own = [
+        ("name", str, field(default="directpred")),  # directpred | linear | mlp | none
+        ("mlp_hidden", int, field(default=512)),  # hidden width of BYOL's 2-layer predictor (mlp)
+        ("symmetric", bool, field(default=False)),  # linear: use (W + W^T) / 2
+    ]
+    taken = {name for name, _, _ in own}
+    hints = typing.get_type_hints(fastpred.DirectPredictor.__init__)
+    out = list(own)
+    for p in inspect.signature(fastpred.DirectPredictor).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue  # `dim` comes from the projector
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"DirectPredictor keyword {p.name!r} has no default; the trainer needs one")
+        if p.name in taken:
+            raise TypeError(f"DirectPredictor keyword {p.name!r} clashes with a trainer predictor key")
+        typ = hints.get(p.name, type(p.default))
+        out.append((p.name, typ, field(default=p.default)))
+    return out
+
+
+PredictorConfig = dataclasses.make_dataclass("PredictorConfig", _predictor_fields())
+PredictorConfig.__doc__ = "predictor.name etc. plus every fastpred.DirectPredictor keyword (see module docstring)."
+
+
+def directpred_kwargs(cfg) -> dict[str, Any]:
+    """The ``predictor.*`` values that are keywords of ``fastpred.DirectPredictor``."""
+    params = inspect.signature(fastpred.DirectPredictor).parameters
+    return {k: getattr(cfg, k) for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | lars
+    lr: float = 0.05  # learning rate at batch size lr_batch
+    lr_batch: int = 0  # >0: lr is scaled by global_batch / lr_batch (BYOL: 256); 0: used as is
+    momentum: float = 0.9
+    weight_decay: float = 4e-4
+    exclude_bias_bn: bool = False  # biases and norm weights get no weight decay (and no LARS adaptation)
+    lars_eta: float = 0.001  # LARS trust coefficient
+    schedule: str = "cosine"  # constant | cosine (after warm-up)
+    warmup_epochs: float = 0.0  # linear warm-up from 0
+
+
+@dataclass
+class MonitorConfig:
+    knn_every: int = 1  # epochs between kNN evaluations (the last epoch always runs one)
+    knn_k: int = 20
+    knn_t: float = 0.1  # temperature of the weighted vote (Wu et al. 2018)
+    knn_max_train: int = 0  # >0: memory bank is a fixed random subset of this size
+    probe: bool = True  # online linear probe on detached backbone features
+    probe_lr: float = 0.1
+    collapse_erank: float = 2.0  # warn when the features' effective rank drops below this
+
+
+@dataclass
+class EvalConfig:
+    """Linear evaluation (train.linear_eval) of the frozen backbone."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)  # several: chosen on a held-out part of train
+    val_fraction: float = 0.2  # held-out fraction of train used only to pick lr from lr_grid
+    weight_decay: float = 0.0
+    augment: bool = False  # True: random-resized-crop + flip per epoch; False: cached centre-crop features
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = 200  # also written at every epoch end and on SIGTERM / SIGUSR1
+    keep: int = 2  # checkpoints kept (last.pt always links the newest)
+
+
+@dataclass
+class Config:
+    epochs: int = 40
+    seed: int = 0
+    batch_size: int = 256  # global: divided among the ranks
+    amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 also uses a GradScaler)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    log_every: int = 10  # steps between metrics.jsonl lines
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)  # type: ignore[valid-type]
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the declared type ``typ`` (ints are accepted for floats)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(typ):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except (TypeError, ValueError):
+                pass
+        raise TypeError(f"config key {key!r}: {value!r} is not a {typ}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"config key {key!r}: expected a list, got {value!r}")
+        args = typing.get_args(typ)
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            elems = [args[0] if args else Any] * len(value)
+        else:
+            if len(args) != len(value):
+                raise ValueError(f"config key {key!r}: expected {len(args)} values, got {list(value)!r}")
+            elems = list(args)
+        return tuple(_coerce(key, v, t) for v, t in zip(value, elems))
+    if typ is Any:
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise TypeError(f"config key {key!r}: expected true or false, got {value!r}")
+    if isinstance(typ, type) and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
+        raise TypeError(f"config key {key!r}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def set_key(cfg: Any, dotted: str, value: Any) -> None:
+    """Set ``cfg.a.b = value`` for ``dotted == "a.b"``, naming the key on any error."""
+    *path, last = dotted.split(".")
+    node, where = cfg, ""
+    for part in path:
+        sub = getattr(node, part, None) if part in _field_names(node) else None
+        if sub is None or not dataclasses.is_dataclass(sub):
+            raise ValueError(f"unknown config key {dotted!r}: {where + part!r} is not a section "
+                           f"(sections: {', '.join(_sections(node))})")
+        node, where = sub, where + part + "."
+    names = _field_names(node)
+    if last not in names:
+        raise ValueError(f"unknown config key {dotted!r} (keys in {where.rstrip('.') or 'the top level'}: "
+                       f"{', '.join(sorted(names))})")
+    if dataclasses.is_dataclass(getattr(node, last)):
+        raise ValueError(f"config key {dotted!r} is a section: set its keys, e.g. {dotted}.{_field_names(getattr(node, last))[0]}=...")
+    hints = typing.get_type_hints(type(node))
+    setattr(node, last, _coerce(dotted, value, hints[last]))
+
+
+def _field_names(node: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _sections(node: Any) -> list[str]:
+    return [n for n in _field_names(node) if dataclasses.is_dataclass(getattr(node, n))]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset in train/configs/ (``cifar10_r18``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise FileNotFoundError(f"--config {name_or_path!r}: no such file")
+        return p
+    p = PRESET_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"--config {name_or_path!r}: not a YAML file nor a preset ({', '.join(names)})")
+    return p
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=0.1"`` -> ``("optim.lr", 0.1)``; the value is parsed as YAML (numbers, true, [a, b])."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(d: dict, cfg: Config | None = None) -> Config:
+    """Apply a nested dict (a YAML preset or a saved config) onto ``cfg`` (default: the defaults)."""
+    cfg = cfg if cfg is not None else Config()
+    for key, value in _flatten(d or {}).items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the preset (name or YAML path; default ``digits``), then ``key=value`` overrides.
+
+    Raises:
+        ConfigError: an unknown preset, file or key (named), or a value of the wrong type or shape.
+    """
+    try:
+        with open(preset_path(preset or DEFAULT_PRESET)) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"config {preset!r}: the YAML must be a mapping of keys")
+        cfg = from_dict(d)
+        for text in overrides:
+            key, value = parse_override(text)
+            set_key(cfg, key, value)
+    except (ValueError, TypeError, FileNotFoundError, yaml.YAMLError) as e:
+        raise ConfigError(str(e)) from e
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (tuples become lists): YAML- and ``weights_only``-safe."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configurations."""
+    fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

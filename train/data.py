@@ -1,0 +1,269 @@
+"""Datasets, the resumable sampler and the loaders.
+
+Built in: scikit-learn's handwritten digits (real 8x8 images, no download). From a local folder,
+never downloaded: CIFAR-10 and STL-10 in torchvision's on-disk format (``cifar-10-batches-py/``,
+``stl10_binary/``), and any ImageFolder tree with ``train/`` and ``val/`` (ImageNet).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from torchvision import datasets, tv_tensors
+
+from .config import DataConfig
+from .utils import warn
+
+# errors PIL and the decoders raise on a truncated or corrupt file (UnidentifiedImageError is an OSError)
+UNREADABLE = (OSError, ValueError, SyntaxError)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Per-dataset constants: normalisation, classes, channels, evaluation resize."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    channels: int
+    resize_ratio: float = 1.0  # evaluation resize = round(image_size * ratio), then centre crop
+
+
+SPECS = {
+    "digits": DataSpec((0.3053,), (0.3760,), 10, 1),
+    "cifar10": DataSpec((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, 3),
+    "stl10": DataSpec((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10, 3),
+    "imagefolder": DataSpec((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, 3, 256 / 224),
+}
+
+
+def spec(cfg: DataConfig, num_classes: int | None = None) -> DataSpec:
+    if cfg.name not in SPECS:
+        raise ValueError(f"data.name={cfg.name!r}: expected one of {', '.join(SPECS)}")
+    s = SPECS[cfg.name]
+    return s if num_classes is None else DataSpec(s.mean, s.std, num_classes, s.channels, s.resize_ratio)
+
+
+# ----------------------------------------------------------------------------- raw datasets
+# Each returns (image, label) from __getitem__ and has .targets; label -1 means unlabeled.
+
+
+class Digits(Dataset):
+    """scikit-learn's 1797 handwritten digits (8x8, 17 grey levels) as uint8 images.
+
+    A fixed stratified split (not the run's seed: the split is part of the data): 1437 train, 360 test.
+    """
+
+    def __init__(self, split: str):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        images = np.clip(np.rint(d.images * (255 / 16)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
+        tr, te = train_test_split(np.arange(len(images)), test_size=0.2, random_state=0, stratify=d.target)
+        idx = {"train": tr, "test": te}[split]
+        self.images = torch.from_numpy(images[idx]).unsqueeze(1)  # (N, 1, 8, 8)
+        self.targets = [int(t) for t in d.target[idx]]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return tv_tensors.Image(self.images[i]), self.targets[i]
+
+
+class CIFAR10Folder(Dataset):
+    """CIFAR-10 from torchvision's folder ``root/cifar-10-batches-py`` (pickled batches, read as is)."""
+
+    FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+    def __init__(self, root: str, split: str):
+        base = Path(root) / "cifar-10-batches-py"
+        data, labels = [], []
+        for name in self.FILES[split]:
+            with open(base / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry.get("labels", entry.get("fine_labels", [])))
+        self.images = torch.from_numpy(np.concatenate(data))  # (N, 3, 32, 32)
+        self.targets = [int(t) for t in labels]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return tv_tensors.Image(self.images[i]), self.targets[i]
+
+
+class STL10Folder(Dataset):
+    """STL-10 from torchvision's folder ``root/stl10_binary`` (memory-mapped, 96x96).
+
+    ``split``: train | test | unlabeled | train+unlabeled (DirectPred pre-trains on the last).
+    """
+
+    def __init__(self, root: str, split: str):
+        base = Path(root) / "stl10_binary"
+        parts = {"train+unlabeled": ["train", "unlabeled"]}.get(split, [split])
+        self.arrays, self.targets = [], []
+        for part in parts:
+            x = np.memmap(base / f"{part}_X.bin", dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
+            self.arrays.append(x)
+            if part == "unlabeled":
+                self.targets += [-1] * len(x)
+            else:
+                y = np.fromfile(base / f"{part}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # labels are 1..10
+                self.targets += y.tolist()
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        img = np.ascontiguousarray(self.arrays[k][i - self.offsets[k]].transpose(0, 2, 1))  # stored column-major
+        return tv_tensors.Image(torch.from_numpy(img)), self.targets[i]
+
+
+def _required_files(cfg: DataConfig) -> list[Path]:
+    root = Path(cfg.root)
+    if cfg.name == "cifar10":
+        return [root / "cifar-10-batches-py" / n for n in CIFAR10Folder.FILES["train"] + CIFAR10Folder.FILES["test"]]
+    if cfg.name == "stl10":
+        return [root / "stl10_binary" / f"{n}.bin" for n in ("train_X", "train_y", "test_X", "test_y", "unlabeled_X")]
+    if cfg.name == "imagefolder":
+        return [root / "train", root / "val"]
+    return []
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Fail at start, naming ``data.root`` and what is missing."""
+    spec(cfg)
+    if cfg.name == "digits":
+        return
+    if not cfg.root:
+        raise FileNotFoundError(f"data.name={cfg.name!r} needs data.root=<folder> (nothing is downloaded)")
+    if not Path(cfg.root).is_dir():
+        raise FileNotFoundError(f"data.root={cfg.root!r} does not exist or is not a folder")
+    missing = [str(p) for p in _required_files(cfg) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"data.root={cfg.root!r} lacks {', '.join(missing)} "
+                                f"(expected torchvision's on-disk layout for {cfg.name})")
+
+
+def raw_dataset(cfg: DataConfig, split: str) -> Dataset:
+    """``split``: pretrain (what SSL trains on), train (labeled train set), test."""
+    check_data(cfg)
+    if cfg.name == "digits":
+        return Digits("test" if split == "test" else "train")
+    if cfg.name == "cifar10":
+        return CIFAR10Folder(cfg.root, "test" if split == "test" else "train")
+    if cfg.name == "stl10":
+        return STL10Folder(cfg.root, {"pretrain": "train+unlabeled"}.get(split, split))
+    folder = Path(cfg.root) / ("val" if split == "test" else "train")
+    try:
+        return datasets.ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
+        raise FileNotFoundError(f"data.root={cfg.root!r}: {folder} is not a usable ImageFolder ({e})") from e
+
+
+def num_classes(cfg: DataConfig, ds: Dataset) -> int:
+    if cfg.name == "imagefolder":
+        return len(ds.classes)
+    return SPECS[cfg.name].num_classes
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample: a function of (run seed, epoch, index) only."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class Views(Dataset):
+    """Wraps a raw dataset: key -> (view_1, ..., view_k, label, skipped).
+
+    Keys are plain indices (deterministic transforms: evaluation) or ``(epoch, index)`` pairs from
+    :class:`ResumableSampler`, in which case the transforms draw from torch's RNG seeded by
+    :func:`sample_seed`. An unreadable image is replaced by the next readable one and counted in
+    ``skipped`` (the loop sums it), never fatal.
+    """
+
+    def __init__(self, base: Dataset, transforms: Sequence[Callable], seed: int | None = None):
+        self.base, self.transforms, self.seed = base, list(transforms), seed
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def _load(self, index: int) -> tuple[Any, int, int]:
+        n = len(self)
+        for skipped in range(min(n, 1000)):
+            j = (index + skipped) % n
+            try:
+                img, label = self.base[j]
+                return img, label, skipped
+            except UNREADABLE as e:
+                if j not in self._warned:
+                    self._warned.add(j)
+                    path = getattr(self.base, "samples", None)
+                    warn(f"skipping unreadable image {path[j][0] if path else j}: {e}")
+        raise RuntimeError(f"no readable image among 1000 samples after index {index}")
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, index = key
+        else:
+            epoch, index = None, key
+        img, label, skipped = self._load(index)
+        if epoch is None or self.seed is None:
+            views = [t(img) for t in self.transforms]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                views = [t(img) for t in self.transforms]
+        return (*views, label, skipped)
+
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (per-epoch permutation from seed + epoch, a shard per rank) that
+    yields ``(epoch, index)`` keys and can start part-way through an epoch.
+
+    ``set_epoch(epoch, start_batch)`` skips the batches this rank consumed before an interruption,
+    so a resumed run sees exactly the samples, in the order, an uninterrupted run would.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start_batch * self.batch_size
+
+    def __iter__(self):
+        for index in islice(super().__iter__(), self.start, None):
+            yield (self.epoch, index)
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
+
+def loader(ds: Dataset, batch_size: int, workers: int, sampler=None, drop_last: bool = False,
+           pin_memory: bool = False) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      # the loader's own generator: creating an iterator must not consume the global RNG
+                      generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,225 @@
+"""Helpers written once for every script: distributed set-up, rank-0 logging, meters,
+RNG state, preemption signals and the metrics log (torchvision references' ``utils.py`` role)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else single process.
+
+    ``device``: ``auto`` picks CUDA when available. CUDA uses NCCL, CPU uses gloo.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device!r}: expected auto, cpu or cuda")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum plain numbers over ranks (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def log(msg: str, rank: int | None = None) -> None:
+    """Print on rank 0 only (or everywhere when ``rank`` is given)."""
+    r = rank if rank is not None else (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+    if rank is not None or r == 0:
+        print(msg if rank is None else f"[rank {r}] {msg}", flush=True)
+
+
+def warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+class Meter:
+    """Running sum and count, reducible over ranks (torchvision's SmoothedValue without the window)."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.total += value * n
+        self.count += n
+
+    def synced_avg(self, device: torch.device) -> float:
+        total, count = all_reduce_sum([self.total, self.count], device)
+        return total / count if count else math.nan
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per line) and, when tensorboard is installed, its events.
+
+    Only rank 0 writes. ``keep_lines`` truncates the file on resume to the lines that existed when
+    the checkpoint was taken, so an interrupted-and-resumed run has the same log as an uninterrupted one.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, keep_lines: int = 0, purge_step: int | None = None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.lines = keep_lines
+        self.tb = None
+        if not enabled:
+            return
+        old = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        with open(self.path, "w") as f:
+            f.writelines(old[:keep_lines])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge_step)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+        self.lines += 1
+        if self.tb is not None and "step" in record:
+            prefix = "epoch/" if "epoch_time" in record else "train/"
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(prefix + k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as ``weights_only``-loadable objects."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a one-element list when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop checks it after each step, saves and exits.
+
+    ``requested()`` agrees over ranks (one tiny all-reduce), so every rank stops at the same step.
+    """
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self, device: torch.device):
+        self.flag = False
+        self.device = device
+        self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        if dist.is_available() and dist.is_initialized():
+            return all_reduce_sum([float(self.flag)], self.device)[0] > 0
+        return self.flag
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0
