@@ -177,7 +177,11 @@ void corr_ema_cpu(const Tensor& corr, const Tensor& x, const Tensor& weight, con
     const Tensor batch_mean = xf.mean(-2);  // (..., d)
     TORCH_CHECK(mean->sizes() == batch_mean.sizes(), op, ": mean must be ", batch_mean.sizes(), ", got ",
                 mean->sizes());
-    mean->lerp_(batch_mean, w);
+    if (w == 1.0) {
+      mean->copy_(batch_mean);  // the first update overwrites, whatever mean held (NaN included)
+    } else {
+      mean->lerp_(batch_mean, w);
+    }
   }
 }
 

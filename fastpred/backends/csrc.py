@@ -1,0 +1,151 @@
+"""The compiled backend (``backend="csrc"``): the operators of ``fastpred._C`` (csrc/).
+
+CPU: ``corr_ema_`` and ``rebuild`` compute one triangle of each symmetric product
+(BLAS on row panels) and mirror it; ``eigh`` calls LAPACK ``syevd`` directly with a
+cached workspace. CUDA (when ``_C`` was built with CUDA): ``corr_ema_`` and
+``rebuild`` as kernels plus cuBLAS syrk, never reading the device on the host;
+``eigh`` through :mod:`fastpred.eigh_driver` with cuSOLVER ``Xsyevd`` and the batched
+``XsyevBatched`` (cached workspaces, lazy ``info`` check, no host sync per call).
+
+Each operator has a fake (meta) kernel registered next to its wrapper, so the ops
+trace under ``torch.compile``. Importing this module loads ``fastpred._C``, which
+runs the operator registrations.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _C  # noqa: F401  (registers torch.ops.fastpred.*)
+from ..eigh_driver import EighDriver, Solver, TorchCudaOps
+
+__all__ = ["corr_ema_", "eigh", "rebuild", "supports", "eigh_driver", "built_with_cuda"]
+
+_ops = torch.ops.fastpred
+
+
+def built_with_cuda() -> bool:
+    """Whether ``fastpred._C`` holds the CUDA kernels and the cuSOLVER binding."""
+    return _C.built_with_cuda()
+
+
+def supports(device: torch.device) -> bool:
+    """CPU always; CUDA when the extension was built with CUDA and a GPU is present."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and built_with_cuda() and torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------ corr_ema_
+# Weights as CPU 0-dim tensors, made once per value: the EMA has one or two of them.
+_weights: dict[float, Tensor] = {}
+
+
+def _weight_tensor(weight: float | Tensor) -> Tensor:
+    if isinstance(weight, Tensor):
+        return weight
+    w = _weights.get(weight)
+    if w is None:
+        if len(_weights) > 64:
+            _weights.clear()
+        w = _weights[weight] = torch.tensor(float(weight), dtype=torch.float64)
+    return w
+
+
+def corr_ema_(corr: Tensor, x: Tensor, weight: float | Tensor, mean: Tensor | None = None) -> Tensor:
+    """Eq. 19 in place, ``corr <- corr + weight * (x^T x / N - corr)``: see :func:`reference.corr_ema_`.
+
+    Only the lower triangle of ``x^T x`` is computed; ``corr`` comes out exactly
+    symmetric (its upper triangle mirrors the lower one).
+
+    Args:
+        corr: float32 ``(..., d, d)``, updated in place.
+        x: ``(..., N, d)``, float32, bfloat16 or float16 (accumulated in float32).
+        weight: a float, or a 0-dim tensor on corr's device (read there, no host sync).
+        mean: optional float32 ``(..., d)``, the same EMA of the batch mean.
+
+    Returns:
+        ``corr``.
+    """
+    _ops.corr_ema_(corr, x, _weight_tensor(weight), mean)
+    return corr
+
+
+@torch.library.register_fake("fastpred::corr_ema_")
+def _corr_ema_fake(corr, x, weight, mean=None):
+    torch._check(corr.dim() >= 2 and corr.shape[-1] == corr.shape[-2], lambda: "corr must be (..., d, d)")
+    torch._check(x.shape[-1] == corr.shape[-1], lambda: "x must be (..., N, d)")
+    torch._check(weight.dim() == 0, lambda: "weight must be a 0-dim tensor")
+    return None
+
+
+# ---------------------------------------------------------------------- eigh
+_drivers: dict[torch.device, EighDriver] = {}
+
+
+def eigh_driver(device: torch.device | str) -> EighDriver:
+    """The GPU eigensolver driver of ``device`` (its ``check()`` reports pending failures)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    driver = _drivers.get(device)
+    if driver is None:
+        driver = _drivers[device] = EighDriver(TorchCudaOps(device), cuda_solvers())
+    return driver
+
+
+def cuda_solvers() -> list[Solver]:
+    """The csrc cuSOLVER routines in order of preference: XsyevBatched, then Xsyevd."""
+    solvers = []
+    if _C.has_syevd_batched():
+        solvers.append(Solver("csrc.XsyevBatched", _ops.syevd_batched_,
+                              lambda a, w: tuple(_ops.syevd_workspace_size(a, w, True)), batched=True))
+    solvers.append(Solver("csrc.Xsyevd", _ops.syevd_, lambda a, w: tuple(_ops.syevd_workspace_size(a, w, False))))
+    return solvers
+
+
+def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of the lower triangle of ``corr``.
+
+    CPU: LAPACK syevd; raises ``torch.linalg.LinAlgError`` if it does not converge.
+    CUDA: cuSOLVER via :func:`eigh_driver`; a failure is reported lazily, by an
+    :class:`~fastpred.eigh_driver.EighFailure` from a later call.
+    """
+    if corr.device.type == "cuda":
+        return eigh_driver(corr.device).eigh(corr)
+    return _ops.eigh(corr)
+
+
+@torch.library.register_fake("fastpred::eigh")
+def _eigh_fake(a):
+    torch._check(a.dim() >= 2 and a.shape[-1] == a.shape[-2], lambda: "a must be (..., n, n)")
+    # Eigenvectors come back column-major, as from torch.linalg.eigh.
+    return a.new_empty(a.shape[:-1]), a.new_empty(a.shape).mT
+
+
+@torch.library.register_fake("fastpred::syevd_")
+def _syevd_fake(a, w, info, work_device, work_host):
+    return None
+
+
+@torch.library.register_fake("fastpred::syevd_batched_")
+def _syevd_batched_fake(a, w, info, work_device, work_host):
+    return None
+
+
+# ------------------------------------------------------------------- rebuild
+def rebuild(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:
+    """W = U diag(p) U^T with p = eig_map(s) (Eq. 18): see :func:`reference.rebuild`.
+
+    One triangle is multiplied (V V^T with V = U diag(sqrt p) when the map is
+    non-negative), the other mirrored: W is exactly symmetric.
+    """
+    return _ops.rebuild(s, u, float(eps), float(power), eps_mode, float(min_eig))
+
+
+@torch.library.register_fake("fastpred::rebuild")
+def _rebuild_fake(s, u, eps, power, eps_mode, min_eig):
+    torch._check(u.dim() >= 2 and u.shape[-1] == u.shape[-2], lambda: "u must be (..., d, d)")
+    torch._check(s.shape == u.shape[:-1], lambda: "s must be (..., d) with u's leading shape")
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device)
