@@ -150,9 +150,9 @@ class Evaluator:
         def batches(epoch):
             sampler.set_epoch(epoch)
             for x, y, _ in ld:
-                x = x.to(dev, non_blocking=True)
-                with torch.no_grad():
-                    yield backbone(x).float(), y.to(dev)
+                with torch.no_grad():  # (not around the yield: grad mode would leak into the caller)
+                    f = backbone(x.to(dev, non_blocking=True)).float()
+                yield f, y.to(dev)
 
         return train_head(batches, dim, self.num_classes, lr, ev, sampler.batches_per_epoch(), dev,
                           distributed=info.distributed)

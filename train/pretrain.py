@@ -33,7 +33,7 @@ from .augment import eval_transform, two_view_transforms
 from .config import Config, ConfigError, diff, from_dict, load_config, save_yaml, to_dict
 from .model import BYOL, build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
-from .utils import (DistInfo, Meter, MetricsLog, Preemption, Timer, all_reduce_sum, cleanup_distributed,
+from .utils import (DistInfo, MetricsLog, Preemption, Timer, all_reduce_sum, cleanup_distributed,
                     gather_objects, init_distributed, log, rng_state, seed_all, set_rng_state, warn)
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,6 +75,10 @@ class Run:
     epoch: int = 0
     batch: int = 0  # batches of `epoch` already trained
     skipped: int = 0  # unreadable images met by this rank
+    # per-step losses not yet logged and the epoch's running sums (per rank), checkpointed and always
+    # summed in step order, so a resumed run logs exactly what an uninterrupted one does
+    pending: list = field(default_factory=list)  # [(loss, probe loss or None)] since the last log line
+    epoch_sums: list = field(default_factory=lambda: [0.0, 0, 0.0, 0])  # loss sum, steps, probe sum, steps
     last_eval: dict = field(default_factory=dict)
     saved_at: tuple = ()
 
@@ -111,9 +115,9 @@ def train_one_epoch(run: Run, preempt: Preemption) -> bool:
     cfg, info = run.cfg, run.info
     run.model.train()
     n_batches = run.sampler.batches_per_epoch()
-    losses, probe_losses = Meter(), Meter()
-    acc = torch.zeros((), device=info.device, dtype=torch.float64)
-    since_log, t_log = 0, time.perf_counter()
+    if run.batch == 0:
+        run.epoch_sums = [0.0, 0, 0.0, 0]
+    t_log = time.perf_counter()
     bar = tqdm(run.train_loader, total=n_batches - run.batch, disable=not info.is_main, leave=False,
                desc=f"epoch {run.epoch + 1}/{cfg.epochs}", mininterval=1.0, dynamic_ncols=True)
     for v1, v2, labels, skipped in bar:
@@ -129,21 +133,24 @@ def train_one_epoch(run: Run, preempt: Preemption) -> bool:
         run.step += 1
         run.batch += 1
         run.skipped += int(skipped.sum())
-        acc += loss
-        since_log += 1
-        if probe_loss is not None:
-            probe_losses.update(float(probe_loss))
+        run.pending.append((loss, probe_loss))  # device tensors: no host sync until the log line
         if run.step % cfg.log_every == 0 or run.batch == n_batches:
-            avg = float(acc) / since_log
+            losses = host_losses(run)
+            avg = sum(l for l, _ in losses) / len(losses)
             if not math.isfinite(avg):
                 raise FloatingPointError(f"loss is {avg} at step {run.step}: training diverged")
-            losses.update(avg, since_log)
+            for l, p in losses:  # in step order, whatever interruptions happened in between
+                run.epoch_sums[0] += l
+                run.epoch_sums[1] += 1
+                if p is not None:
+                    run.epoch_sums[2] += p
+                    run.epoch_sums[3] += 1
             dt = time.perf_counter() - t_log
             run.mlog.write({"step": run.step, "epoch": run.epoch + run.batch / n_batches, "loss": avg, "lr": lr,
-                            "tau": tau, "images_per_s": since_log * cfg.batch_size / max(dt, 1e-9)})
+                            "tau": tau, "images_per_s": len(losses) * cfg.batch_size / max(dt, 1e-9)})
             bar.set_postfix(loss=f"{avg:.3f}", lr=f"{lr:.3g}")
-            acc.zero_()
-            since_log, t_log = 0, time.perf_counter()
+            run.pending = []
+            t_log = time.perf_counter()
         if cfg.ckpt.every_steps and run.step % cfg.ckpt.every_steps == 0:
             save_checkpoint(run)
         if preempt.requested():
@@ -151,9 +158,17 @@ def train_one_epoch(run: Run, preempt: Preemption) -> bool:
             save_checkpoint(run)
             return True
     bar.close()
-    run.epoch_loss = losses.synced_avg(info.device)
-    run.epoch_probe_loss = probe_losses.synced_avg(info.device)
     return False
+
+
+def host_losses(run: Run) -> list[tuple[float, float | None]]:
+    """The pending per-step losses as Python floats (one device-to-host copy)."""
+    if not run.pending:
+        return []
+    flat = [v for pair in run.pending for v in pair if v is not None]
+    values = iter(torch.stack([torch.tensor(v, dtype=torch.float64, device=run.info.device) if isinstance(v, float) else v.double()
+                               for v in flat]).tolist())
+    return [(next(values), None if p is None else next(values)) for _, p in run.pending]
 
 
 @torch.no_grad()
@@ -205,7 +220,9 @@ def load_data(cfg: Config, info: DistInfo):
 def save_checkpoint(run: Run) -> None:
     """Everything needed to continue exactly. Collective (gathers every rank's RNG state and
     skip count); rank 0 writes."""
-    per_rank = gather_objects({"rng": rng_state(), "skipped": run.skipped})
+    run.pending = host_losses(run)  # floats: weights_only-safe
+    per_rank = gather_objects({"rng": rng_state(), "skipped": run.skipped, "pending": run.pending,
+                               "epoch_sums": run.epoch_sums})
     if not run.info.is_main or run.saved_at == (run.step, run.epoch, run.batch):
         return
     state = {
@@ -238,7 +255,7 @@ def restore(run: Run, state: dict, path: Path) -> None:
              "the order inside the interrupted epoch and the RNG streams will differ")
     mine = state["per_rank"][run.info.rank % len(state["per_rank"])]
     set_rng_state(mine["rng"])
-    run.skipped = mine["skipped"]
+    run.skipped, run.pending, run.epoch_sums = mine["skipped"], [tuple(p) for p in mine["pending"]], mine["epoch_sums"]
     run.step, run.epoch, run.batch, run.last_eval = state["step"], state["epoch"], state["batch"], state["last_eval"]
     changed = diff(from_dict(state["config"]), run.cfg)
     if changed:
@@ -341,13 +358,15 @@ def end_of_epoch(run: Run, timer: Timer) -> None:
     corr = own_corr(run.bare.predictor)
     corr = run.diag_corr if corr is None else corr
     run.diag.record(run.epoch + 1, corr, predictor_matrix(run.bare.predictor), res.get("erank", math.nan))
-    skipped = int(all_reduce_sum([run.skipped], info.device)[0])
-    rec = {"step": run.step, "epoch": run.epoch + 1, "loss": run.epoch_loss, **res, "skipped_images": skipped,
+    skipped, loss_sum, n, probe_sum, n_probe = all_reduce_sum([run.skipped, *run.epoch_sums], info.device)
+    skipped = int(skipped)
+    epoch_loss = loss_sum / max(n, 1)
+    rec = {"step": run.step, "epoch": run.epoch + 1, "loss": epoch_loss, **res, "skipped_images": skipped,
            "epoch_time": timer()}
     if run.probe is not None:
-        rec["probe_loss"] = run.epoch_probe_loss
+        rec["probe_loss"] = probe_sum / max(n_probe, 1)
     run.mlog.write(rec)
-    log(f"epoch {run.epoch + 1}/{cfg.epochs}  step {run.step}  loss {run.epoch_loss:.4f}"
+    log(f"epoch {run.epoch + 1}/{cfg.epochs}  step {run.step}  loss {epoch_loss:.4f}"
         + (f"  knn {res['knn_top1']:.2f}%" if "knn_top1" in res else "")
         + (f"  probe {res['probe_top1']:.2f}%" if "probe_top1" in res else "")
         + (f"  erank {res['erank']:.1f}" if "erank" in res else "")

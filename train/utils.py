@@ -4,7 +4,6 @@ RNG state, preemption signals and the metrics log (torchvision references' ``uti
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import signal
@@ -86,21 +85,6 @@ def log(msg: str, rank: int | None = None) -> None:
 
 def warn(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-
-
-class Meter:
-    """Running sum and count, reducible over ranks (torchvision's SmoothedValue without the window)."""
-
-    def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.total += value * n
-        self.count += n
-
-    def synced_avg(self, device: torch.device) -> float:
-        total, count = all_reduce_sum([self.total, self.count], device)
-        return total / count if count else math.nan
 
 
 class MetricsLog:

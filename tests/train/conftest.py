@@ -26,18 +26,18 @@ def _images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def fake_cifar(tmp_path_factory) -> Path:
-    """``cifar-10-batches-py`` with 16 training images (in data_batch_1) and 8 test images."""
+    """``cifar-10-batches-py`` with 5 x 4 training images and 8 test images."""
     root = tmp_path_factory.mktemp("cifar")
     d = root / "cifar-10-batches-py"
     d.mkdir()
     for i in range(1, 6):
-        n = 16 if i == 1 else 0
+        n = 4
         x, y = _images(n, 32, i)
         with open(d / f"data_batch_{i}", "wb") as f:
-            pickle.dump({"data": x.reshape(n, -1), "labels": y.tolist()}, f)
+            pickle.dump({"data": x.reshape(n, 3072), "labels": y.tolist()}, f)
     x, y = _images(8, 32, 9)
     with open(d / "test_batch", "wb") as f:
-        pickle.dump({"data": x.reshape(8, -1), "labels": y.tolist()}, f)
+        pickle.dump({"data": x.reshape(8, 3072), "labels": y.tolist()}, f)
     return root
 
 
