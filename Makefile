@@ -34,5 +34,13 @@ bench: $(STAMP)
 figures: $(STAMP)
 	$(PY) -m fastpred.theory.figures --out figures
 
+# On a machine with an NVIDIA GPU: the GPU tests and benchmarks, into gpu-report/
+# (report.md, report.json, pytest-gpu.log). Without a GPU it says so and fails.
+gpu-check: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 2)" || \
+		{ echo "gpu-check: no CUDA GPU is visible here; run it on a machine with an NVIDIA GPU" >&2; exit 2; }
+	$(PIP) install -q cupy-cuda13x || echo "gpu-check: CuPy not installed; backend=cupy is skipped"
+	$(PY) -m bench.gpu_check --out gpu-report
+
 clean:
 	rm -rf build *.egg-info fastpred/*.so $(STAMP)

@@ -85,8 +85,9 @@ void check_int32(int64_t v, const char* what) {
 }
 
 // Rows per panel of the lower triangle. One panel is a full gemm; k panels cost
-// (k + 1) / (2k) of it, but thin panels run below gemm's peak: measured on
-// MKL/AVX2 with two threads (bench/gpu_check.py's CPU counterpart in the report).
+// (k + 1) / (2k) of its flops, but thin panels run below gemm's peak. Measured
+// with MKL on two threads: d = 256 -> 2 panels (0.30 ms vs 0.37 ms for addmm at
+// N = 512), d = 1024 -> 4 panels (19 vs 23 ms at N = 2048); thinner was slower.
 int64_t panel_rows(int64_t n) {
   if (n <= 160) return n;
   return std::max<int64_t>(128, (n + 3) / 4);
