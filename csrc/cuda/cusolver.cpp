@@ -27,6 +27,7 @@
 
 #include <climits>
 #include <mutex>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -100,6 +101,12 @@ using XsyevBatchedBufferSizeFn = cusolverStatus_t (*)(cusolverDnHandle_t, cusolv
 using XsyevBatchedFn = cusolverStatus_t (*)(cusolverDnHandle_t, cusolverDnParams_t, cusolverEigMode_t,
                                             cublasFillMode_t, int64_t, cudaDataType, void*, int64_t, cudaDataType,
                                             void*, cudaDataType, void*, size_t, void*, size_t, int*, int64_t);
+
+#if defined(CUSOLVER_VERSION) && CUSOLVER_VERSION >= 11701
+// Built against a header that declares them: the looked-up types must match.
+static_assert(std::is_same_v<decltype(&cusolverDnXsyevBatched_bufferSize), XsyevBatchedBufferSizeFn>);
+static_assert(std::is_same_v<decltype(&cusolverDnXsyevBatched), XsyevBatchedFn>);
+#endif
 
 struct BatchedSymbols {
   XsyevBatchedBufferSizeFn buffer_size = nullptr;
