@@ -157,6 +157,11 @@ void corr_ema_cpu(const Tensor& corr, const Tensor& x, const Tensor& weight, con
   const int64_t batch = corr.numel() / std::max<int64_t>(1, d * d);
   const double w = read_weight(weight);
   const Tensor xf = x.to(at::kFloat).contiguous();  // (..., N, d)
+  if (mean.has_value()) {  // checked before anything is written
+    TORCH_CHECK(mean->sizes() == corr.sizes().slice(0, corr.dim() - 1) && mean->scalar_type() == at::kFloat,
+                op, ": mean must be a float32 tensor of shape ", corr.sizes().slice(0, corr.dim() - 1), ", got ",
+                mean->scalar_type(), " ", mean->sizes());
+  }
   if (d > 0 && batch > 0) {
     check_int32(std::max(d, n), "dimension");
     Tensor out = corr.is_contiguous() ? corr : corr.contiguous();
@@ -176,8 +181,6 @@ void corr_ema_cpu(const Tensor& corr, const Tensor& x, const Tensor& weight, con
   }
   if (mean.has_value()) {
     const Tensor batch_mean = xf.mean(-2);  // (..., d)
-    TORCH_CHECK(mean->sizes() == batch_mean.sizes(), op, ": mean must be ", batch_mean.sizes(), ", got ",
-                mean->sizes());
     if (w == 1.0) {
       mean->copy_(batch_mean);  // the first update overwrites, whatever mean held (NaN included)
     } else {

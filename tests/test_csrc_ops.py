@@ -108,6 +108,14 @@ def test_corr_ema_rejects_bad_input_with_a_message():
         csrc.corr_ema_(corr, torch.ones(3, 4), torch.ones(2))
 
 
+def test_corr_ema_bad_mean_is_rejected_before_corr_changes():
+    corr, x = correlation(5), features(4, 5)
+    before = corr.clone()
+    with pytest.raises(RuntimeError, match="mean must be a float32 tensor of shape"):
+        csrc.corr_ema_(corr, x, 0.5, torch.zeros(4))
+    torch.testing.assert_close(corr, before, rtol=0, atol=0)
+
+
 def test_corr_ema_non_contiguous_corr():
     big = correlation(10)
     corr = big.t()  # a transposed view: written through

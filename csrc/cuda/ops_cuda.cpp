@@ -59,6 +59,12 @@ void corr_ema_cuda(const Tensor& corr, const Tensor& x, const Tensor& weight, co
   TORCH_CHECK(weight.dim() == 0, op, ": weight must be a 0-dim tensor, got shape ", weight.sizes());
   TORCH_CHECK(weight.is_cpu() || weight.device() == corr.device(), op, ": weight must be on ", corr.device(),
               " or the CPU, got ", weight.device());
+  if (mean.has_value()) {  // checked before anything is written
+    TORCH_CHECK(mean->sizes() == corr.sizes().slice(0, corr.dim() - 1) && mean->is_contiguous() &&
+                    mean->scalar_type() == at::kFloat && mean->device() == corr.device(),
+                op, ": mean must be a contiguous float32 tensor of shape ", corr.sizes().slice(0, corr.dim() - 1),
+                " on ", corr.device(), ", got ", mean->scalar_type(), " ", mean->sizes(), " on ", mean->device());
+  }
   c10::cuda::CUDAGuard guard(corr.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t d = corr.size(-1), n = x.size(-2);
@@ -86,10 +92,6 @@ void corr_ema_cuda(const Tensor& corr, const Tensor& x, const Tensor& weight, co
   }
   if (mean.has_value()) {
     const Tensor batch_mean = xf.mean(-2).contiguous();  // (..., d)
-    TORCH_CHECK(mean->sizes() == batch_mean.sizes() && mean->is_contiguous() &&
-                    mean->scalar_type() == at::kFloat && mean->device() == corr.device(),
-                op, ": mean must be a contiguous float32 tensor of shape ", batch_mean.sizes(), " on ",
-                corr.device(), ", got ", mean->sizes());
     if (batch_mean.numel() > 0) {
       cuda::lerp_vector(mean->mutable_data_ptr<float>(), batch_mean.const_data_ptr<float>(), batch_mean.numel(),
                         w_ptr, w_host, stream);
