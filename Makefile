@@ -25,6 +25,8 @@ test: $(STAMP)
 # The built-in default end to end: BYOL + DirectPred on scikit-learn's digits (CPU, minutes).
 run: $(STAMP)
 	$(PY) -m train.pretrain --out runs/digits
+	$(PY) -m train.linear_eval --ckpt runs/digits/last.pt --random-init-baseline
+	@echo "plots: runs/digits/diagnostics.png   metrics: runs/digits/metrics.jsonl   (rm -rf runs/digits to start over)"
 
 # CPU benchmark report: bench/report.md, bench/report.json, bench/*.png (under 15 minutes here).
 bench: $(STAMP)
