@@ -101,6 +101,13 @@ def _cuda_link_args(cuda_home: str) -> list:
     return args
 
 
+def _torch_rpath() -> list:
+    """An rpath to torch's libraries, so that ``import fastpred._C`` works before ``import torch``."""
+    import torch
+
+    return [f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
+
+
 def get_extensions():
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     if not sources:
@@ -112,7 +119,7 @@ def get_extensions():
         _log(f"building the C++ operators only ({why_not})")
         from torch.utils.cpp_extension import CppExtension
 
-        return [CppExtension("fastpred._C", sources, extra_compile_args={"cxx": cxx})]
+        return [CppExtension("fastpred._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=_torch_rpath())]
 
     # cpp_extension reads CUDA_HOME when first imported: set it before.
     os.environ["CUDA_HOME"] = cuda_home
@@ -133,7 +140,7 @@ def get_extensions():
             "fastpred._C",
             sources,
             extra_compile_args={"cxx": cxx + ["-DFASTPRED_WITH_CUDA"] + system_includes, "nvcc": nvcc},
-            extra_link_args=_cuda_link_args(cuda_home),
+            extra_link_args=_cuda_link_args(cuda_home) + _torch_rpath(),
         )
     ]
 
