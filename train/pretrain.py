@@ -336,7 +336,11 @@ def fit(run: Run) -> dict:
                 log(f"stopped by signal at step {run.step}; checkpoint saved in {run.out}: "
                     "re-run the same command to resume")
                 return run.last_eval
-            end_of_epoch(run, timer)
+            end_of_epoch(run, timer)  # writes the epoch's checkpoint
+            if run.epoch < cfg.epochs and preempt.requested():  # the signal came during evaluation
+                write_plots(run)
+                log(f"stopped by signal after epoch {run.epoch}; checkpoint saved in {run.out}")
+                return run.last_eval
     finally:
         preempt.restore()
     skipped = int(all_reduce_sum([run.skipped], info.device)[0])

@@ -8,6 +8,11 @@ Every variant starts from the same weights (same seed) and sees the same synthet
 pipeline). Rounds interleave the variants, rotating their order, and the reported figure is
 the median over rounds of the mean step time, so a burst of load on a shared machine hits
 all variants alike. Overheads are relative to ``linear`` (an SGD-trained d x d predictor).
+
+A second column times the predictor module alone (forward on the (2B, d) projector outputs
+plus backward, in training mode: for DirectPred that includes the statistics update and the
+rebuild), interleaved the same way: on CPU the whole step is seconds and its noise hides
+differences of a millisecond, which this column resolves.
 """
 
 from __future__ import annotations
@@ -84,27 +89,45 @@ def main(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / k
 
+    z = torch.randn(2 * batch, cfg.model.proj_dim, generator=g).to(device).requires_grad_()
+
+    def run_predictor(n: str, k: int) -> float:
+        pred = runs[n][0].predictor
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            pred(z).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / k
+
     for n in names:  # warm-up: allocator, first eigendecomposition, thread pools
         for _ in range(args.warmup):
             run_steps(n, 1)
+            run_predictor(n, 1)
     times: dict[str, list[float]] = {n: [] for n in names}
+    pred_times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
             times[n].append(run_steps(n, args.steps))
+            pred_times[n].append(run_predictor(n, args.predictor_reps))
     base = statistics.median(times["linear"]) if "linear" in times else None
     result = {"config": args.config, "batch_size": batch, "image_size": size, "device": str(device),
               "threads": torch.get_num_threads(), "steps_per_round": args.steps, "rounds": args.rounds,
               "variants": {}, "unavailable": skipped}
     print(f"step time, {args.config} (batch {batch}, {size}x{size}, {device}, {torch.get_num_threads()} threads), "
           f"median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print(f"  {'predictor':<24}{'ms/step':>10}{'min':>10}{'vs linear':>12}")
+    print(f"  {'predictor':<24}{'ms/step':>10}{'min':>10}{'vs linear':>12}{'predictor fwd+bwd ms':>22}")
     for n in names:
         med, lo = statistics.median(times[n]) * 1e3, min(times[n]) * 1e3
+        pmed = statistics.median(pred_times[n]) * 1e3
         rel = f"{(med / (base * 1e3) - 1) * 100:+.1f}%" if base else ""
-        print(f"  {n:<24}{med:>10.2f}{lo:>10.2f}{rel:>12}")
+        print(f"  {n:<24}{med:>10.2f}{lo:>10.2f}{rel:>12}{pmed:>22.3f}")
         result["variants"][n] = {"median_ms": med, "min_ms": lo, "rounds_ms": [t * 1e3 for t in times[n]],
-                                 "overhead_vs_linear": (med / (base * 1e3) - 1) if base else None}
+                                 "overhead_vs_linear": (med / (base * 1e3) - 1) if base else None,
+                                 "predictor_median_ms": pmed, "predictor_rounds_ms": [t * 1e3 for t in pred_times[n]]}
     if skipped:
         print(f"  not in this fastpred version: {', '.join(skipped)}")
     if args.json:
@@ -120,6 +143,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--predictor-reps", type=int, default=50, help="predictor-only calls per variant per round")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the figures to this file")
