@@ -44,7 +44,7 @@ class DataConfig:
 class AugConfig:
     """Two-view augmentation; a pair of numbers is (view 1, view 2), as in BYOL's asymmetric recipe."""
 
-    crop_scale: tuple[float, float] = (0.4, 1.0)  # RandomResizedCrop area range
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # RandomResizedCrop area range
     flip: float = 0.0  # horizontal flip probability
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.0, 0.0)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
@@ -132,7 +132,7 @@ class EvalConfig:
 
     epochs: int = 100
     batch_size: int = 256
-    lr_grid: tuple[float, ...] = (0.3, 1.0, 3.0)  # several: chosen on a held-out part of train
+    lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # several: chosen on a held-out part of train
     val_fraction: float = 0.2  # held-out fraction of train used only to pick lr from lr_grid
     weight_decay: float = 0.0
     augment: bool = False  # True: random-resized-crop + flip per epoch; False: cached centre-crop features
@@ -148,7 +148,7 @@ class CkptConfig:
 class Config:
     epochs: int = 40
     seed: int = 0
-    batch_size: int = 256  # global: divided among the ranks
+    batch_size: int = 128  # global: divided among the ranks
     amp: str = "none"  # none | bf16 | fp16 (autocast; fp16 also uses a GradScaler)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     log_every: int = 10  # steps between metrics.jsonl lines

@@ -71,3 +71,16 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="cifar10_r18"):
         load_config("cifar100")
+
+
+def test_cli_reports_a_bad_key_without_traceback(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "train.pretrain", "--out", str(tmp_path / "o"), "optim.lrr=0.1"],
+                          cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "optim.lrr" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
