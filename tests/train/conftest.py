@@ -9,10 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from train import pretrain
 from train.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Trainer tests run with one intra-op thread: their tiny models gain little from more, and on a
+    shared 2-core machine oversubscribed OpenMP threads slowed them down by an order of magnitude."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

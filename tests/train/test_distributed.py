@@ -3,6 +3,7 @@ the same weights and predictor state on both ranks, rank-0-only outputs."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,16 @@ def test_two_process_gloo_run(tmp_path):
            "-m", "train.pretrain", "--out", str(out),
            # freq 2: W_p is also a trainable, DDP-reduced parameter between rebuilds
            "epochs=1", "batch_size=256", "predictor.freq=2", "model.sync_bn=true", "ckpt.every_steps=0"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    log = proc.stdout + proc.stderr
+    # own session: on a timeout the launcher *and* its workers are killed, no orphans are left
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError("2-process run timed out:\n" + (stdout + stderr)[-4000:])
+    log = stdout + stderr
     assert proc.returncode == 0, log[-4000:]
     assert "on 2 x cpu" in log
     assert "replicas consistent across 2 ranks" in log, log[-4000:]
