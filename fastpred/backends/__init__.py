@@ -83,16 +83,21 @@ def _available(name: str, device: torch.device) -> bool:
 def _auto_choice(device: torch.device) -> dict[str, str]:
     """Which backend computes each step under ``backend="auto"`` on ``device``.
 
-    CUDA: the Triton kernels for the statistics and the rebuild (one fused pass
-    each, half a GEMM's work by symmetry) and the cuSOLVER eigensolver through CuPy
-    (no host sync), each where installed, else the reference. CPU: the reference,
-    which ``bench/`` measured fastest here (see README, Performance).
+    CPU: the compiled extension (lower-triangle GEMM panels, LAPACK ``syevd`` with a
+    cached workspace), measured faster than the reference for every step but the
+    plain ``gram``; the reference where it is not built. CUDA: the Triton kernels for
+    the statistics and the rebuild, and cuSOLVER without host syncs for the
+    eigendecomposition (through CuPy, else the extension's binding), each where
+    installed, else the next choice and finally the reference.
     """
+    def first(*names: str) -> str:
+        return next((n for n in names if n == "torch" or _available(n, device)), "torch")
+
     if device.type == "cuda":
-        kernels = "triton" if _available("triton", device) else "torch"
-        solver = "cupy" if _available("cupy", device) else "torch"
-        return {"gram": kernels, "corr_ema_": kernels, "eigh": solver, "rebuild": kernels}
-    return {step: "torch" for step in STEPS}
+        kernels = first("triton", "csrc", "torch")
+        return {"gram": kernels, "corr_ema_": kernels, "eigh": first("cupy", "csrc", "torch"), "rebuild": kernels}
+    fast = first("csrc", "torch")
+    return {"gram": "torch", "corr_ema_": fast, "eigh": fast, "rebuild": fast}
 
 
 _resolved: dict[tuple[str, torch.device], Backend] = {}
