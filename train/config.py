@@ -132,7 +132,7 @@ class EvalConfig:
 
     epochs: int = 100
     batch_size: int = 256
-    lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # several: chosen on a held-out part of train
+    lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)  # several: chosen on a held-out part of train
     val_fraction: float = 0.2  # held-out fraction of train used only to pick lr from lr_grid
     weight_decay: float = 0.0
     augment: bool = False  # True: random-resized-crop + flip per epoch; False: cached centre-crop features

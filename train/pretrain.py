@@ -240,6 +240,12 @@ def save_checkpoint(run: Run) -> None:
 
 def restore(run: Run, state: dict, path: Path) -> None:
     """Continue from a checkpoint: weights, predictor state, optimizer, schedules, position, RNG."""
+    try:
+        changed = diff(from_dict(state["config"]), run.cfg)
+    except ValueError as e:  # written by a version with other keys
+        changed = [f"(saved configuration not comparable: {e})"]
+    if changed:  # the command line decides; said first, in case the weights no longer fit
+        warn(f"resuming {path} with a different configuration for: {', '.join(changed)}")
     run.bare.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -257,9 +263,6 @@ def restore(run: Run, state: dict, path: Path) -> None:
     set_rng_state(mine["rng"])
     run.skipped, run.pending, run.epoch_sums = mine["skipped"], [tuple(p) for p in mine["pending"]], mine["epoch_sums"]
     run.step, run.epoch, run.batch, run.last_eval = state["step"], state["epoch"], state["batch"], state["last_eval"]
-    changed = diff(from_dict(state["config"]), run.cfg)
-    if changed:
-        warn(f"resuming {path} with a different configuration for: {', '.join(changed)}")
     log(f"resumed from {path}: step {run.step}, epoch {run.epoch + 1}, batch {run.batch}")
 
 
