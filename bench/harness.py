@@ -24,11 +24,17 @@ def inputs(dim: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def authors_update(corr: torch.Tensor, x: torch.Tensor, rho: float = 0.3, eps: float = 0.1) -> torch.Tensor:
-    """The authors' trainer, step for step: per-sample outer products (B x d x d),
-    their mean, the EMA, the general non-symmetric eigensolver (``torch.eig`` then,
-    ``torch.linalg.eig`` now, real parts kept) and ``boost_scale`` with Q diag(p) Q^T."""
-    outer = torch.bmm(x.unsqueeze(2), x.unsqueeze(1))  # (B, d, d)
-    corr.mul_(rho).add_(outer.mean(dim=0), alpha=1 - rho)
+    """The authors' trainer, step for step, for a batch of both views ``x = cat(view1, view2)``:
+    per view, per-sample outer products (B x d x d) checked for NaN; both concatenated
+    and averaged; the EMA; the general non-symmetric eigensolver (``torch.eig`` then,
+    ``torch.linalg.eig`` now, real parts kept); ``boost_scale``; Q diag(p) Q^T."""
+    outers = []
+    for view in x.chunk(2):
+        outer = torch.bmm(view.unsqueeze(2), view.unsqueeze(1))  # (B, d, d)
+        if torch.isnan(outer).any().item():  # their check_valid / pdb guard
+            raise FloatingPointError("NaN in features")
+        outers.append(outer)
+    corr.mul_(rho).add_(torch.cat(outers, dim=0).mean(dim=0), alpha=1 - rho)
     d, q = torch.linalg.eig(corr)
     d, q = d.real, q.real
     p = (d.clamp(0) / d.max()).pow(0.5) + eps
