@@ -470,3 +470,16 @@ class TorchCudaOps:
 
     def stream_key(self):
         return self._torch.cuda.current_stream(self.device).cuda_stream
+
+
+def device_driver(cache: dict, device, make_solvers: Callable[[], Sequence[Solver]]) -> EighDriver:
+    """The one :class:`EighDriver` of a CUDA ``device`` in ``cache`` (created on first use
+    with :class:`TorchCudaOps` and ``make_solvers()``); ``.check()`` reports pending failures."""
+    import torch
+
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in cache:
+        cache[device] = EighDriver(TorchCudaOps(device), make_solvers())
+    return cache[device]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (registers torch.ops.fastpred.*)
-from ..eigh_driver import EighDriver, Solver, TorchCudaOps
+from ..eigh_driver import EighDriver, Solver, device_driver
 
 __all__ = ["corr_ema_", "eigh", "rebuild", "supports", "eigh_driver", "built_with_cuda"]
 
@@ -86,13 +86,7 @@ _drivers: dict[torch.device, EighDriver] = {}
 
 def eigh_driver(device: torch.device | str) -> EighDriver:
     """The GPU eigensolver driver of ``device`` (its ``check()`` reports pending failures)."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    driver = _drivers.get(device)
-    if driver is None:
-        driver = _drivers[device] = EighDriver(TorchCudaOps(device), cuda_solvers())
-    return driver
+    return device_driver(_drivers, device, cuda_solvers)
 
 
 def cuda_solvers() -> list[Solver]:

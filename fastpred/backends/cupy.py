@@ -36,7 +36,7 @@ try:
 except ImportError as err:  # the dispatch point turns this into "install fastpred[cuda]"
     raise ImportError(f"CuPy is not installed or does not load ({err})") from err
 
-from ..eigh_driver import EighDriver, Solver, TorchCudaOps
+from ..eigh_driver import EighDriver, Solver, device_driver
 
 __all__ = ["eigh", "supports", "eigh_driver", "as_cupy", "as_torch"]
 
@@ -183,13 +183,7 @@ _drivers: dict[torch.device, EighDriver] = {}
 
 def eigh_driver(device: torch.device | str) -> EighDriver:
     """The driver of ``device``; ``eigh_driver(d).check()`` waits and reports pending failures."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    driver = _drivers.get(device)
-    if driver is None:
-        driver = _drivers[device] = EighDriver(TorchCudaOps(device), cuda_solvers())
-    return driver
+    return device_driver(_drivers, device, cuda_solvers)
 
 
 def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:
