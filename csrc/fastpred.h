@@ -21,4 +21,7 @@ namespace fastpred {
 // Parses "relative" / "absolute"; TORCH_CHECK names the accepted values.
 EpsMode parse_eps_mode(c10::string_view eps_mode);
 
+// The checks every device's fastpred::rebuild makes on (s, u): shapes and dtypes.
+void check_rebuild_args(const at::Tensor& s, const at::Tensor& u);
+
 }  // namespace fastpred

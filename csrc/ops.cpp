@@ -17,6 +17,18 @@ EpsMode parse_eps_mode(c10::string_view eps_mode) {
   TORCH_CHECK(false, "eps_mode must be 'relative' or 'absolute', got '", std::string(eps_mode), "'");
 }
 
+void check_rebuild_args(const at::Tensor& s, const at::Tensor& u) {
+  TORCH_CHECK(u.dim() >= 2 && u.size(-1) == u.size(-2), "fastpred::rebuild: u must be (..., d, d), got ",
+              u.sizes());
+  TORCH_CHECK(s.dim() == u.dim() - 1 && s.sizes() == u.sizes().slice(0, u.dim() - 1),
+              "fastpred::rebuild: s must be (..., d) with u's leading shape, got s ", s.sizes(), " and u ",
+              u.sizes());
+  TORCH_CHECK(s.scalar_type() == u.scalar_type() &&
+                  (u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble),
+              "fastpred::rebuild: s and u must both be float32 or both float64, got ", s.scalar_type(), " and ",
+              u.scalar_type());
+}
+
 }  // namespace fastpred
 
 TORCH_LIBRARY(fastpred, m) {

@@ -102,15 +102,7 @@ void corr_ema_cuda(const Tensor& corr, const Tensor& x, const Tensor& weight, co
 Tensor rebuild_cuda(const Tensor& s, const Tensor& u, double eps, double power, c10::string_view eps_mode,
                     double min_eig) {
   const EpsMode mode = parse_eps_mode(eps_mode);
-  TORCH_CHECK(u.dim() >= 2 && u.size(-1) == u.size(-2), "fastpred::rebuild: u must be (..., d, d), got ",
-              u.sizes());
-  TORCH_CHECK(s.dim() == u.dim() - 1 && s.sizes() == u.sizes().slice(0, u.dim() - 1),
-              "fastpred::rebuild: s must be (..., d) with u's leading shape, got s ", s.sizes(), " and u ",
-              u.sizes());
-  TORCH_CHECK(s.scalar_type() == u.scalar_type() &&
-                  (u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble),
-              "fastpred::rebuild: s and u must both be float32 or both float64, got ", s.scalar_type(), " and ",
-              u.scalar_type());
+  check_rebuild_args(s, u);
   TORCH_CHECK(s.device() == u.device(), "fastpred::rebuild: s is on ", s.device(), ", u on ", u.device());
   c10::cuda::CUDAGuard guard(u.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
