@@ -164,3 +164,28 @@ def test_corr_ema_two_batch_dims_matches_loop():
     expected = torch.stack([torch.stack([0.7 * corr[i, j] + 0.3 * x[i, j].T @ x[i, j] / 11 for j in range(3)]) for i in range(2)])
     F.corr_ema_(corr, x, 0.7, backend="torch")
     torch.testing.assert_close(corr, expected)
+
+
+def test_auto_falls_back_to_reference_when_a_fast_step_breaks(monkeypatch):
+    """A fast kernel that fails (e.g. does not compile on this GPU) must not stop a run."""
+    import sys
+    import types
+
+    import fastpred.backends as b
+
+    broken = types.ModuleType("fastpred.backends._broken_for_test")
+
+    def corr_ema_(*args, **kwargs):
+        raise RuntimeError("kernel did not compile")
+
+    broken.corr_ema_ = corr_ema_
+    monkeypatch.setitem(sys.modules, broken.__name__, broken)
+    monkeypatch.setitem(b._PROVIDERS, "csrc", (broken.__name__, ""))
+    monkeypatch.setattr(b, "_auto_choice", lambda device: {s: ("csrc" if s == "corr_ema_" else "torch") for s in b.STEPS})
+    monkeypatch.setattr(b, "_resolved", {})
+    corr, x = torch.zeros(4, 4), torch.randn(10, 4)
+    with pytest.warns(RuntimeWarning, match="kernel did not compile"):
+        F.corr_ema_(corr, x, 0.3, first=True)
+    torch.testing.assert_close(corr, x.T @ x / 10)
+    with pytest.raises(RuntimeError, match="kernel did not compile"):
+        F.corr_ema_(corr, x, 0.3, backend="csrc")  # asked for by name: no fallback

@@ -13,6 +13,7 @@ compiled extension.
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -128,4 +129,28 @@ def _resolve(backend: str, device: torch.device) -> Backend:
     for step, name in choice.items():
         module = _load(name, device)
         steps[step] = getattr(module, step, getattr(reference, step))
+        if backend == "auto" and name != "torch" and step != "eigh":
+            steps[step] = _falling_back(steps[step], getattr(reference, step), f"{name}.{step}")
     return Backend(name=backend, **steps)
+
+
+def _falling_back(fast: Callable, ref: Callable, label: str) -> Callable:
+    """Under ``auto``, a step whose fast implementation raises (a kernel that does not
+    compile on this GPU, say) warns once and is computed by the reference from then
+    on, rather than stopping a run. Explicitly requested backends never fall back;
+    eigh has its own retry chain (``functional.symmetric_eigh``)."""
+    state = {"broken": False}
+
+    def step(*args, **kwargs):
+        if not state["broken"]:
+            try:
+                return fast(*args, **kwargs)
+            except (ValueError, TypeError):
+                raise  # bad input: the reference would refuse it too
+            except Exception as err:  # noqa: BLE001 - any failure of the fast path
+                state["broken"] = True
+                warnings.warn(f"fastpred: {label} failed ({type(err).__name__}: {err}); "
+                              "using the torch reference for it from now on", RuntimeWarning, stacklevel=3)
+        return ref(*args, **kwargs)
+
+    return step
