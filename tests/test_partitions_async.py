@@ -113,7 +113,7 @@ def test_async_rebuild_failure_keeps_weight(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     pred._pending = None
-    pred._start_async_rebuild()  # computed with the broken solver
+    pred._schedule_rebuild()  # computed with the broken solver
     with pytest.warns(RuntimeWarning, match="keeping the previous W_p"):
         pred(xs[2])
     torch.testing.assert_close(pred.weight.detach(), kept)
