@@ -37,7 +37,7 @@ def half_space_masks(proj: Tensor, thresholds: Tensor) -> Tensor:
     """``(2k, N)`` 0/1 float: row 2i is 1 where a sample lies on or above the threshold
     of hyperplane i, row 2i+1 where it lies below."""
     above = (proj >= thresholds).float().T  # (k, N)
-    return torch.stack([above, 1.0 - above], dim=1).reshape(-1, proj.shape[0])
+    return torch.stack([above, 1.0 - above], dim=1).reshape(2 * proj.shape[1], proj.shape[0])
 
 
 def partitioned_linear(x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
