@@ -239,7 +239,9 @@ class DirectPredictor(nn.Module):
         From then on training-mode calls only accumulate their batch's moments, and
         :meth:`step` (run by the hook after each optimizer step) folds them into F as one
         batch, counts the step and re-sets W_p when due. Without an optimizer, call
-        :meth:`step` yourself after each optimizer step.
+        :meth:`step` yourself after each optimizer step. An optimizer step that does not
+        happen (skipped by a ``GradScaler`` on inf gradients) is no step here either: its
+        calls are folded with the next step's.
 
         Returns:
             A handle whose ``remove()`` detaches (calls not yet folded are dropped) and
