@@ -16,7 +16,7 @@ from .partitions import batch_thresholds, half_space_masks, partitioned_linear, 
 from .backends import check_name
 
 # State that stays float32 whatever dtype the module is cast to (.half(), .double(), ...).
-_FLOAT32_STATE = ("corr", "mean", "planes", "thresholds", "solver_state", "_moments")
+_FLOAT32_STATE = ("corr", "mean", "planes", "thresholds", "solver_state")
 
 
 class _Moments(NamedTuple):
@@ -166,11 +166,13 @@ class DirectPredictor(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_eigh_failures", torch.zeros((), dtype=torch.int64))
-        # The per-step accumulator (one flat buffer: one all-reduce under DDP). Not saved:
-        # a checkpoint is taken between steps.
+        # The per-step accumulator: one flat tensor, so one all-reduce under DDP. Not a
+        # buffer: DDP broadcasts buffers from rank 0 at every forward, which would overwrite
+        # each rank's own sums between the micro-batches of a step; and a checkpoint is
+        # taken between steps. It follows device moves through _apply.
         halves = max(1, 2 * partitions)
         self._moment_sizes = (halves * dim * dim, halves * dim, halves, partitions, 1)
-        self.register_buffer("_moments", torch.zeros(sum(self._moment_sizes)), persistent=False)
+        self._moments = torch.zeros(sum(self._moment_sizes))
         # Host-side state, so that the hot path never reads the device.
         self._steps = 0  # mirror of num_updates
         self._skips_warned = 0
@@ -256,6 +258,7 @@ class DirectPredictor(nn.Module):
         if optimizer is not None:
             hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
         self._bring_weight_up_to_date()  # a rebuild owed by the per-call mode (or a load)
+        self._moments.zero_()
         self._attached = True
         return Attachment(self, hook)
 
@@ -438,12 +441,14 @@ class DirectPredictor(nn.Module):
         # Casts (.half(), .double(), .to(dtype)) reach W_p but not the statistics: F, the
         # mean, the thresholds and the accumulator stay float32 (taken from their float32
         # values, not from the cast), while following every device move.
+        def float32_after(old: Tensor, new: Tensor) -> Tensor:
+            return new if new.dtype == torch.float32 else old.to(new.device)
+
         before = {name: self._buffers[name] for name in _FLOAT32_STATE if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != torch.float32:
-                self._buffers[name] = old.to(new.device)
+            self._buffers[name] = float32_after(old, self._buffers[name])
+        self._moments = float32_after(self._moments, fn(self._moments))
         return self
 
     def state_dict(self, *args, **kwargs):

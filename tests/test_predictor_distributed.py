@@ -75,6 +75,11 @@ def seeded(*args, **kwargs):
     return DirectPredictor(*args, **kwargs)
 
 
+def seeded_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(D, D), DirectPredictor(D))
+
+
 def dropin_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -94,8 +99,20 @@ def dropin_worker(rank, world, init_file, out_dir):
         partitioned(x)
         local(x)
     torch.Tensor.new_tensor = original
+    # Under DDP (which broadcasts buffers from rank 0 at every forward) with 2 micro-batches per step.
+    net = seeded_net()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    net[1].attach(opt)
+    for x in make_batches(rank):
+        first, second = x.chunk(2)
+        with ddp.no_sync():
+            ddp(first).pow(2).mean().backward()
+        ddp(second).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
     out = {name: {k: v.clone() for k, v in m.state_dict().items()}
-           for name, m in (("attached", attached), ("partitioned", partitioned), ("local", local))}
+           for name, m in (("attached", attached), ("partitioned", partitioned), ("local", local), ("ddp", net))}
     out["host_copies"] = len(host_copies)
     torch.save(out, os.path.join(out_dir, f"dropin{rank}.pt"))
     dist.destroy_process_group()
@@ -118,6 +135,20 @@ def test_attach_partitions_empty_rank_and_unsynced_under_two_ranks(tmp_path):
             single.refresh()  # attached rebuilds in step(); one call per step, at the next call
         for k, v in single.state_dict().items():
             torch.testing.assert_close(r0[name][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}.{k}: {m}")
+    # DDP with accumulation: one step on the union of both ranks' micro-batches (DDP averages
+    # the gradients over the ranks, hence the 1/2).
+    net = seeded_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    net[1].attach(opt)
+    for t in range(STEPS):
+        for x in (b0[t], b1[t]):
+            for micro in x.chunk(2):
+                (0.5 * net(micro).pow(2).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(r0["ddp"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"ddp {k}: {m}")
+        assert torch.equal(r0["ddp"][k], r1["ddp"][k]), k
     # sync=False: each rank's F is the F of its own data alone.
     for rank, out in ((0, r0), (1, r1)):
         alone = seeded(D)
