@@ -105,10 +105,8 @@ def dropin_worker(rank, world, init_file, out_dir):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     net[1].attach(opt)
     for x in make_batches(rank):
-        first, second = x.chunk(2)
-        with ddp.no_sync():
-            ddp(first).pow(2).mean().backward()
-        ddp(second).pow(2).mean().backward()
+        for micro in x.chunk(2):  # without no_sync(): DDP then broadcasts buffers at each forward
+            ddp(micro).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
     out = {name: {k: v.clone() for k, v in m.state_dict().items()}
