@@ -168,3 +168,30 @@ def test_side_stream_rebuild_tells_the_allocator_who_reads_what(monkeypatch):
     assert any(t is pending.weight and s is main for t, s in recorded)
     torch.testing.assert_close(pending.collect(), corr.sqrt())
     assert main.waited_for == [pending.done]  # the main stream waits on the device, not the host
+
+
+@pytest.mark.parametrize("kwargs", [dict(freq=1), dict(freq=2, partitions=2)])
+def test_attached_async_rebuild_is_bit_identical_to_attached_synchronous(kwargs):
+    """With attach the rebuild starts in step() (after the optimizer step) and is swapped
+    in at the next call."""
+    d = 8
+    torch.manual_seed(4)
+    sync = DirectPredictor(d, **kwargs)
+    torch.manual_seed(4)
+    overlap = DirectPredictor(d, async_rebuild=True, **kwargs)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (sync, overlap)]
+    for m, opt in zip((sync, overlap), opts):
+        m.attach(opt)
+    for x in batches(5, 32, d):
+        outs = []
+        for m, opt in zip((sync, overlap), opts):
+            z1, z2 = x.chunk(2)
+            y = torch.cat([m(z1.requires_grad_()), m(z2.requires_grad_())])
+            y.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(y.detach())
+        assert torch.equal(outs[0], outs[1])
+    overlap(torch.zeros(0, d))  # swaps in the last rebuild
+    assert torch.equal(sync.weight, overlap.weight)
+    assert torch.equal(sync.corr, overlap.corr)
