@@ -133,7 +133,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", required: I
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or a pickle that would run code
-        raise CheckpointError(f"checkpoint {path} is refused or unreadable: {str(e).splitlines()[0]}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is refused or unreadable: {reason}") from e
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(map(repr, missing))}")
@@ -167,7 +168,8 @@ def load_latest(out_dir: str | Path, map_location: str | torch.device = "cpu",
         except CheckpointError as e:
             warn(f"{e}; trying the previous one")
     if tried:
-        raise CheckpointError(f"no usable checkpoint in {out_dir} ({len(tried)} tried, see the warnings above)")
+        raise CheckpointError(f"no usable checkpoint in {out_dir} ({len(tried)} tried, see the warnings above); "
+                              "--fresh starts over there, moving its contents into old-<n>/")
     return None, None
 
 

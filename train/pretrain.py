@@ -70,26 +70,32 @@ class EpochSums:
             self.probe_steps += 1
 
 
-@dataclass
-class Run:
-    """Everything one pre-training run holds; ``step``...``last_eval`` travel in the checkpoint."""
+@dataclass(kw_only=True)
+class Learner:
+    """What one optimizer step updates (:func:`train_step`)."""
 
-    cfg: Config
-    info: DistInfo
-    out: Path
     bare: BYOL  # the network before any DDP wrap: saved, evaluated, EMA-updated
     model: nn.Module  # what the step calls (DDP(bare) under torchrun)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    probe: nn.Module | None
-    probe_opt: torch.optim.Optimizer | None
+    dtype: torch.dtype | None  # autocast dtype, None for float32
+    probe: nn.Module | None = None  # online linear probe on detached features
+    probe_opt: torch.optim.Optimizer | None = None
+
+
+@dataclass(kw_only=True)
+class Run(Learner):
+    """Everything one pre-training run holds; ``step``...``last_eval`` travel in the checkpoint."""
+
+    cfg: Config
+    info: DistInfo
+    out: Path
     sampler: data.ResumableSampler
     train_loader: Any
     bank_loader: Any
     test_loader: Any
     num_classes: int
-    dtype: torch.dtype | None
     total_steps: int
     diag: monitor.Diagnostics
     diag_corr: torch.Tensor | None  # F̂ for predictors that keep none (linear, mlp, none)
@@ -165,28 +171,30 @@ def check_replicas(run: Run) -> None:
 # ----------------------------------------------------------------------------- training and evaluation
 
 
-def train_step(run: Run, v1: torch.Tensor, v2: torch.Tensor, labels: torch.Tensor, tau: float):
+def train_step(learner: Learner, v1: torch.Tensor, v2: torch.Tensor, labels: torch.Tensor | None, tau: float):
     """One optimizer step: forward both views, backward, step, LR schedule, target EMA update.
 
+    ``labels`` (-1 for unlabeled images) train the probe, if there is one.
     Returns (loss, probe loss or None, the projector outputs the predictor saw), all detached.
     """
-    with torch.autocast(v1.device.type, dtype=run.dtype or torch.float32, enabled=run.dtype is not None):
-        loss, h1, z = run.model(v1, v2)
+    with torch.autocast(v1.device.type, dtype=learner.dtype or torch.float32, enabled=learner.dtype is not None):
+        loss, h1, z = learner.model(v1, v2)
     total, probe_loss = loss, None
-    if run.probe is not None:  # labels -1 (unlabeled) are ignored; no host sync for the count
+    if learner.probe is not None:  # labels -1 are ignored; no host sync for the count
         n = (labels >= 0).sum().clamp_min(1)
-        probe_loss = F.cross_entropy(run.probe(h1.float()), labels, ignore_index=-1, reduction="sum") / n
+        logits = learner.probe(h1.float())
+        probe_loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / n
         total = total + probe_loss
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.probe_opt is not None:
-        run.probe_opt.zero_grad(set_to_none=True)
-    run.scaler.scale(total).backward()
-    run.scaler.step(run.optimizer)
-    if run.probe_opt is not None:
-        run.scaler.step(run.probe_opt)
-    run.scaler.update()
-    run.scheduler.step()
-    run.bare.update_target(tau)
+    learner.optimizer.zero_grad(set_to_none=True)
+    if learner.probe_opt is not None:
+        learner.probe_opt.zero_grad(set_to_none=True)
+    learner.scaler.scale(total).backward()
+    learner.scaler.step(learner.optimizer)
+    if learner.probe_opt is not None:
+        learner.scaler.step(learner.probe_opt)
+    learner.scaler.update()
+    learner.scheduler.step()
+    learner.bare.update_target(tau)
     return loss.detach(), None if probe_loss is None else probe_loss.detach(), z
 
 
@@ -386,33 +394,33 @@ def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | 
     Returns (the lock on rank 0, else None; the checkpoint's state or None; its path).
     Raises ConfigError on every rank when rank 0 found a problem (folder in use, none usable).
     """
-    lock = state = path = None
-    error = None
+    lock = state = path = error = None
     if run.info.is_main:
         try:
-            lock = checkpoint.lock_folder(run.out)
-            for p in checkpoint.remove_temp_files(run.out):
-                log(f"removed {p.name}, left by an interrupted checkpoint save")
-            if fresh and (old := checkpoint.set_aside(run.out)):
-                log(f"--fresh: the earlier contents of {run.out} are now in {old}")
-            try:
-                state, path = checkpoint.load_latest(run.out, required=STATE_KEYS)
-            except checkpoint.CheckpointError as e:
-                raise checkpoint.CheckpointError(f"{e}; --fresh starts over (moving the folder's contents "
-                                                 "into old-<n>/)") from e
+            lock, state, path = _claim_on_main(run.out, fresh)
         except ConfigError as e:
-            if lock is not None:
-                lock.close()
             if not run.info.distributed:
                 raise
-            error = e
-    error_text, path = gather_objects((error and str(error), path))[0]
+            error = str(e)
+    error, path = gather_objects((error, path))[0]
     if error is not None:
-        raise error
-    if error_text is not None:
-        raise ConfigError(error_text)
+        raise ConfigError(error)
     if path is not None and state is None:  # the other ranks load what rank 0 chose
         state = checkpoint.load(path, required=STATE_KEYS)
+    return lock, state, path
+
+
+def _claim_on_main(out: Path, fresh: bool) -> tuple[IO, dict | None, Path | None]:
+    lock = checkpoint.lock_folder(out)
+    try:
+        for p in checkpoint.remove_temp_files(out):
+            log(f"removed {p.name}, left by an interrupted checkpoint save")
+        if fresh and (old := checkpoint.set_aside(out)):
+            log(f"--fresh: the earlier contents of {out} are now in {old}")
+        state, path = checkpoint.load_latest(out, required=STATE_KEYS)
+    except BaseException:
+        lock.close()
+        raise
     return lock, state, path
 
 

@@ -144,6 +144,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:'train.linear_eval' found in sys.modules")  # runpy of an imported module
 @pytest.mark.parametrize("content", [b"", b"garbage" * 10, None], ids=["empty", "garbage", "truncated"])
 def test_linear_eval_on_a_bad_checkpoint_is_one_error_line(finished, tmp_path, monkeypatch, content):
     bad = tmp_path / "bad.pt"
