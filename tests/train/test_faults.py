@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -333,12 +334,19 @@ def test_out_that_cannot_be_written_is_one_error_line(tmp_path):
     assert "cannot write there" in line and str(blocker / "run") in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_out_is_one_error_line(finished, tmp_path):
-    out = _copy(finished, tmp_path / "run")
-    (out / ".lock").unlink(missing_ok=True)
-    out.chmod(0o555)
-    try:
-        assert "cannot write there" in _cli(["--out", str(out), *RUN, "epochs=2"])
-    finally:
-        out.chmod(0o755)
+def test_read_only_out_is_one_error_line(finished):
+    with tempfile.TemporaryDirectory() as parent:  # outside pytest's 0700 tmp: others may traverse it
+        os.chmod(parent, 0o755)
+        out = _copy(finished, Path(parent) / "run")
+        (out / ".lock").unlink(missing_ok=True)
+        out.chmod(0o555)
+        as_root = os.geteuid() == 0  # root writes into read-only folders: act as nobody meanwhile
+        try:
+            if as_root:
+                os.seteuid(65534)
+            line = _cli(["--out", str(out), *RUN, "epochs=2"])
+        finally:
+            if as_root:
+                os.seteuid(0)
+            out.chmod(0o755)
+    assert "cannot write there (Permission denied)" in line
