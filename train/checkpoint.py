@@ -3,11 +3,11 @@
 A checkpoint file is what ``torch.save`` writes, followed by a trailer: ``DIGEST_MAGIC`` and the
 SHA-256 of everything before it (``torch.load`` ignores bytes after the zip archive, so the file
 still loads with plain ``torch.load``; a file without the trailer, from an older version, loads
-with a warning). Writes are atomic (a temp file renamed into place), the
-last k are kept and ``last.pt`` links the newest. Loading verifies the digest before unpickling,
-unpickles with ``weights_only=True`` (tensors and plain containers only: a pickle that would run
-code is refused) and checks the keys the caller needs; :func:`load_latest` falls back to the next
-older file with a warning naming the file and the reason.
+with a warning). Writes are atomic (a temp file renamed into place), the last k are kept and
+``last.pt`` links the newest. Loading verifies the digest before unpickling, unpickles with
+``weights_only=True`` (tensors and plain containers only: a pickle that would run code is
+refused) and checks the keys the caller needs; :func:`load_latest` falls back to the next older
+file with a warning naming the file and the reason.
 
 A run folder belongs to one trainer at a time: :func:`lock_folder` takes an advisory lock on
 ``DIR/.lock`` for the life of the process (the kernel drops it when the process dies, so a killed
@@ -24,7 +24,7 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import torch
 
@@ -104,13 +104,11 @@ def save(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
     return path
 
 
-def _payload(data: bytes, path: Path) -> memoryview:
-    """The bytes ``torch.save`` wrote, after checking the digest trailer."""
+def _payload(data: bytes, path: Path) -> memoryview | None:
+    """The bytes ``torch.save`` wrote, after checking the digest trailer; None without a trailer."""
     cut = len(data) - DIGEST_SIZE - len(DIGEST_MAGIC)
     if cut < 0 or data[cut:cut + len(DIGEST_MAGIC)] != DIGEST_MAGIC:
-        # written before checkpoints carried digests (or truncated: then torch.load fails below)
-        warn(f"checkpoint {path} has no digest: loaded without verifying it")
-        return memoryview(data)
+        return None
     payload = memoryview(data)[:cut]
     if hashlib.sha256(payload).digest() != data[-DIGEST_SIZE:]:
         raise CheckpointError(f"checkpoint {path} does not match its digest (corrupted on disk)")
@@ -131,10 +129,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", required: I
         raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from e
     payload = _payload(data, path)
     try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data if payload is None else payload), map_location=map_location,
+                           weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or a pickle that would run code
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is refused or unreadable: {reason}") from e
+    if payload is None:  # written before checkpoints carried digests
+        warn(f"checkpoint {path} has no digest: loaded without verifying it")
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(map(repr, missing))}")

@@ -374,11 +374,12 @@ def diff(a: Config, b: Config) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def to_yaml(cfg: Config | dict) -> str:
+    """A configuration (or its :func:`to_dict`) as YAML, in declaration order."""
+    return yaml.safe_dump(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=False)
 
 
-def save_yaml(cfg: Config, path: str | Path) -> None:
+def save_yaml(cfg: Config | dict, path: str | Path) -> None:
     Path(path).write_text(to_yaml(cfg))
 
 

@@ -465,15 +465,16 @@ def restore(run: Run, state: dict, path: Path) -> list[str]:
 def start(run: Run, state: dict | None, path: Path | None) -> None:
     """Restore ``state`` if any, open the metrics log, record the configuration, wrap in DDP.
 
-    ``config.yaml`` always describes the run's first configuration: a resume with other values
-    saves them beside it as ``config_from_step_<step>.yaml``."""
+    ``config.yaml`` is written once, when the run starts (or from the checkpoint, when missing),
+    and never rewritten: a resume with values other than the checkpoint's saves them beside it as
+    ``config_from_step_<step>.yaml``."""
     changed = restore(run, state, path) if state is not None else []
     run.mlog = MetricsLog(run.out, run.info.is_main, keep_lines=state["metrics_lines"] if state else 0,
                           purge_step=run.step)
     if run.info.is_main:
         if not (run.out / "config.yaml").exists():
-            save_yaml(run.cfg, run.out / "config.yaml")
-        elif changed:
+            save_yaml(state["config"] if state is not None else run.cfg, run.out / "config.yaml")
+        if changed:
             beside = run.out / f"config_from_step_{run.step}.yaml"
             save_yaml(run.cfg, beside)
             log(f"config.yaml keeps the configuration of the checkpoint; this run's is in {beside.name}")

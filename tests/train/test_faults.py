@@ -157,6 +157,12 @@ def test_linear_eval_on_a_bad_checkpoint_is_one_error_line(finished, tmp_path, m
     assert str(e.value.code).startswith(f"error: checkpoint {bad}")
 
 
+def test_checkpoint_without_digest_from_an_older_version_loads_with_a_warning(tmp_path, capsys):
+    torch.save(_state(3), tmp_path / "old.pt")
+    assert checkpoint.load(tmp_path / "old.pt")["step"] == 3
+    assert "old.pt has no digest" in capsys.readouterr().err
+
+
 def test_checkpoint_still_loads_with_plain_torch_load(finished):
     # the digest trailer follows the zip archive: users' torch.load keeps working
     assert torch.load(finished / "last.pt", weights_only=True)["step"] == 5
