@@ -31,7 +31,7 @@ from . import data
 from .config import load_config, set_key
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
-from .pretrain import amp_dtype, train_step
+from .pretrain import Learner, amp_dtype, train_step
 
 VARIANTS = {  # name -> predictor overrides
     "directpred": {"name": "directpred", "freq": 1},
@@ -79,12 +79,13 @@ def main(args: argparse.Namespace) -> dict:
 
     def run_steps(n: str, k: int) -> float:
         model, opt, sched, scaler, dtype = runs[n]
+        learner = Learner(bare=model, model=model, optimizer=opt, scheduler=sched, scaler=scaler, dtype=dtype)
         model.train()
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for v1, v2 in batches[:k]:
-            train_step(model, model, opt, sched, scaler, v1, v2, 0.99, dtype)
+            train_step(learner, v1, v2, None, 0.99)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / k
