@@ -18,20 +18,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device, amp_dtype=None,
-                     channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     channels_last: bool = False, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Backbone features (N, D) float32 and labels (N,) of a loader over :class:`train.data.Views`.
 
     Under DDP each rank embeds its DistributedSampler shard; the shards are gathered and put back
-    in dataset order, so every rank returns the same full tensors.
+    in dataset order, so every rank returns the same full tensors. ``desc``: show a progress bar.
     """
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
-    for x, y, _ in loader:
+    for x, y, _ in tqdm(loader, desc=desc, disable=desc is None, leave=False, mininterval=1.0, dynamic_ncols=True):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
