@@ -365,6 +365,7 @@ def end_of_epoch(run: Run, timer: Timer) -> None:
     corr = own_corr(run.bare.predictor)
     corr = run.diag_corr if corr is None else corr
     run.diag.record(run.epoch + 1, corr, predictor_matrix(run.bare.predictor), res.get("erank", math.nan))
+    monitor.write_tensorboard(run.mlog.tb, run.step, run.diag, run.bare.predictor)
     skipped, loss_sum, n, probe_sum, n_probe = all_reduce_sum([run.skipped, *run.epoch_sums], info.device)
     skipped = int(skipped)
     epoch_loss = loss_sum / max(n, 1)
