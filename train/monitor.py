@@ -196,10 +196,11 @@ class Diagnostics:
                 ax.legend(loc="lower right", fontsize=8)
         bar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, dim - 1), cmap=cmap), ax=top,
                            location="right", fraction=0.03, pad=0.01)
-        bar.set_label("eigen-index j, largest first (W_p's eigenvalues: by their own size)")
+        bar.set_label("eigen-index j (dark = largest eigenvalue)")
         ax_rank.plot(h["epoch"], h["erank"], marker=".", label="effective rank of the backbone features")
         ax_rank.axhline(collapse_erank, color="r", ls="--", lw=1, label=f"collapse threshold ({collapse_erank:g})")
         ax_rank.set_ylim(bottom=0)
+        ax_rank.set_xlim(top[0].get_xlim())
         ax_rank.set_title("effective rank of the features (1 = collapsed onto a line)", fontsize=10)
         ax_rank.set_xlabel("epoch")
         ax_rank.legend(fontsize=8)
@@ -207,6 +208,7 @@ class Diagnostics:
             ax_asym = fig.add_subplot(grid[1, 2])
             ax_asym.plot(*zip(*[(e, v) for e, v in zip(h["epoch"], h["asym"]) if v is not None]), marker=".")
             ax_asym.set_ylim(bottom=0)
+            ax_asym.set_xlim(top[0].get_xlim())
             ax_asym.set_title("asymmetry ||W_p - W_p^T|| / ||W_p||", fontsize=10)
             ax_asym.set_xlabel("epoch")
         if title:
