@@ -193,8 +193,11 @@ def download(cfg: DataConfig, timeout: float = 60.0) -> None:
         ConfigError: the download failed (no network, say), naming the dataset, the folder and why.
     """
     root = Path(cfg.root)
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root, os.O_RDONLY)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY)
+    except OSError as e:
+        raise ConfigError(f"data.download=true: cannot use data.root={cfg.root!r} ({e})") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with _socket_timeout(timeout):
