@@ -75,3 +75,10 @@ def test_dir_lists_each_name_once():
     fastpred.functional  # noqa: B018  (loads a lazy name, which then sits in globals() too)
     names = dir(fastpred)
     assert len(names) == len(set(names)) and "functional" in names and "DirectPredictor" in names
+
+
+def test_make_figures_writes_where_the_readme_shows_them():
+    recipe = (ROOT / "Makefile").read_text().split("\nfigures:", 1)[1].split("\n\n", 1)[0]
+    out = re.search(r"--out (\S+)", recipe).group(1)
+    shown = set(re.findall(r"!\[[^]]*\]\(([^)]+)/fig[^)]*\.png\)", (ROOT / "README.md").read_text()))
+    assert shown == {out}
