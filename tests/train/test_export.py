@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from train import export
+from train import checkpoint, export
 from train.config import load_config, to_dict
 from train.model import SmallResNet, build_model
 
@@ -24,9 +24,8 @@ def _checkpoint(tmp_path, overrides, channels=3, step=7) -> tuple[Path, nn.Modul
     with torch.no_grad():
         for p in (model.target_backbone.parameters() if cfg.model.ema else ()):
             p.add_(0.01 * torch.randn_like(p))
-    path = tmp_path / "last.pt"
-    torch.save({"config": to_dict(cfg), "model": model.state_dict(), "step": step, "epoch": 1}, path)
-    return path, model
+    checkpoint.save({"config": to_dict(cfg), "model": model.state_dict(), "step": step, "epoch": 1}, tmp_path, step, 1)
+    return tmp_path / "last.pt", model
 
 
 def _torchvision(arch: str, in_channels: int, cifar_stem: bool) -> nn.Module:
@@ -68,7 +67,7 @@ def test_online_and_target_load_strictly_into_torchvision(tmp_path, arch, cifar_
 
 def test_small_resnet_is_exported_and_said_not_to_be_torchvision(tmp_path, run_pretrain):
     run_pretrain(tmp_path / "run", None, "epochs=1", "batch_size=256", "monitor.probe=false")
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    state = checkpoint.load(tmp_path / "run" / "last.pt")
     meta = export.export(tmp_path / "run" / "last.pt", tmp_path / "small.pt")
     assert meta["torchvision_model"] is None and "not a torchvision model" in meta["note"]
     assert meta["preset"] == "digits" and set(meta["preset_overrides"]) == {"epochs", "batch_size", "monitor.probe"}

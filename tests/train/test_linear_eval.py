@@ -1,16 +1,14 @@
 """linear_eval says what it is doing while it runs (it was silent for ~80 s on digits)."""
 
-import torch
-
-from train import linear_eval
+from train import checkpoint, linear_eval
 from train.config import load_config, to_dict
 from train.model import build_model
 
 
 def test_linear_eval_reports_each_stage(tmp_path, capsys):
     cfg = load_config(None, [])
-    torch.save({"config": to_dict(cfg), "model": build_model(cfg, 1, seed=0).state_dict(), "step": 3},
-               tmp_path / "last.pt")
+    checkpoint.save({"config": to_dict(cfg), "model": build_model(cfg, 1, seed=0).state_dict(), "step": 3},
+                    tmp_path, 3, 1)  # the trainer's own writer: last.pt
     res = linear_eval.main(tmp_path / "last.pt", ["eval.epochs=2", "eval.lr_grid=[0.1, 0.3]"])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("learned:")]
