@@ -28,13 +28,13 @@ run: $(STAMP)
 	$(PY) -m train.linear_eval --ckpt runs/digits/last.pt --random-init-baseline
 	@echo "plots: runs/digits/diagnostics.png   metrics: runs/digits/metrics.jsonl   (rm -rf runs/digits to start over)"
 
-# CPU benchmark report: bench/report.md, bench/report.json, bench/*.png (under 15 minutes here).
+# CPU benchmark report: bench/report.md, bench/report.json, bench/*.png (about 2 minutes on 2 cores).
 bench: $(STAMP)
 	$(PY) -m bench.report --out bench
 
-# The theory figures (PNG) into figures/.
+# The theory figures (PNG) into docs/figures/, where the README shows them (20-40 s).
 figures: $(STAMP)
-	$(PY) -m fastpred.theory.figures --out figures
+	$(PY) -m fastpred.theory.figures --out docs/figures
 
 # On a machine with an NVIDIA GPU: the GPU tests and benchmarks, into gpu-report/
 # (report.md, report.json, pytest-gpu.log). Without a GPU it says so and fails.

@@ -39,6 +39,8 @@ class DataConfig:
     root: str = ""  # dataset folder (unused by digits, which ships with scikit-learn)
     image_size: int = 8  # side of the training crops and of the evaluation centre crop
     workers: int = 0  # DataLoader worker processes per rank
+    download: bool = False  # cifar10 / stl10: torchvision downloads what data.root lacks (needs a network)
+    eval_root: str = ""  # imagefolder: a labelled ImageFolder (train/, val/) for kNN, probe and linear_eval
 
 
 @dataclass

@@ -251,10 +251,12 @@ def evaluate(run: Run) -> dict:
     cfg, info, backbone = run.cfg, run.info, run.bare.backbone
     cl = cfg.model.channels_last
     train_f, train_y = monitor.extract_features(backbone, run.bank_loader, info.device, run.dtype, cl)
-    test_f, test_y = monitor.extract_features(backbone, run.test_loader, info.device, run.dtype, cl)
-    res = {"knn_top1": monitor.knn_top1(train_f, train_y, test_f, test_y, cfg.monitor.knn_k, cfg.monitor.knn_t,
-                                        run.num_classes),
-           "erank": monitor.effective_rank(train_f)}
+    res = {}
+    if run.test_loader is not None:  # None: unlabeled data, nothing to vote with
+        test_f, test_y = monitor.extract_features(backbone, run.test_loader, info.device, run.dtype, cl)
+        res["knn_top1"] = monitor.knn_top1(train_f, train_y, test_f, test_y, cfg.monitor.knn_k, cfg.monitor.knn_t,
+                                           run.num_classes)
+    res["erank"] = monitor.effective_rank(train_f)
     if run.probe is not None:
         res["probe_top1"] = 100.0 * float((_bare(run.probe)(test_f).argmax(1) == test_y).float().mean())
     return res
@@ -270,6 +272,7 @@ def end_of_epoch(run: Run, timer: Timer) -> None:
     corr = own_corr(run.bare.predictor)
     corr = run.diag_corr if corr is None else corr
     run.diag.record(run.epoch + 1, corr, predictor_matrix(run.bare.predictor), res.get("erank", math.nan))
+    monitor.write_tensorboard(run.mlog.tb, run.step, run.diag, run.bare.predictor)
     s = run.sums
     skipped, loss_sum, n, probe_sum, n_probe = all_reduce_sum(
         [run.skipped, s.loss, s.steps, s.probe_loss, s.probe_steps], info.device)
@@ -299,8 +302,7 @@ def load_data(cfg: Config, info: DistInfo):
     """Two-view pre-training loader on a resumable sampler, and the kNN bank / test loaders."""
     spec = data.spec(cfg.data)
     pre = data.raw_dataset(cfg.data, "pretrain")
-    train, test = data.raw_dataset(cfg.data, "train"), data.raw_dataset(cfg.data, "test")
-    n_classes = data.num_classes(cfg.data, train)
+    bank, test, n_classes = data.monitor_datasets(cfg)
     local_batch = cfg.batch_size // info.world_size
     size = cfg.data.image_size
     views = data.Views(pre, two_view_transforms(cfg.aug, size, spec.mean, spec.std), seed=cfg.seed)
@@ -310,12 +312,11 @@ def load_data(cfg: Config, info: DistInfo):
     pin = info.device.type == "cuda"
     train_loader = data.loader(views, local_batch, cfg.data.workers, sampler, drop_last=True, pin_memory=pin)
     ev = eval_transform(size, round(size * spec.resize_ratio), spec.mean, spec.std, cfg.aug.normalize)
-    if 0 < cfg.monitor.knn_max_train < len(train):
-        g = torch.Generator().manual_seed(cfg.seed)
-        keep = torch.randperm(len(train), generator=g)[: cfg.monitor.knn_max_train].tolist()
-        train = torch.utils.data.Subset(train, keep)
     eval_loaders = []
-    for ds in (train, test):
+    for ds in (bank, test):
+        if ds is None:  # no labelled test set
+            eval_loaders.append(None)
+            continue
         v = data.Views(ds, [ev])
         s = DistributedSampler(v, info.world_size, info.rank, shuffle=False) if info.distributed else None
         eval_loaders.append(data.loader(v, max(local_batch, 64), cfg.data.workers, s, pin_memory=pin))
@@ -350,7 +351,7 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
         raise ConfigError(str(e)) from e
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     probe = probe_opt = None
-    if cfg.monitor.probe:
+    if cfg.monitor.probe and not data.unlabeled(cfg.data):
         probe = nn.Linear(bare.feat_dim, n_classes).to(info.device)
         probe_opt = torch.optim.SGD(probe.parameters(), lr=cfg.monitor.probe_lr, momentum=0.9)
     diag_corr = None  # a single-F̂ DirectPredictor keeps its own (predictor.corr)
