@@ -16,7 +16,7 @@ How the kernel works:
   ``power`` 1 and 1/2 are exact (identity, IEEE square root); other powers use
   ``exp2(power * log2(.))``. The division is IEEE (``div_rn``), like torch's.
 - W is symmetric: only lower-triangle tiles are computed and each is stored
-  with its mirror image (see :func:`fastpred.kernels.triton_corr.store_mirrored`),
+  with its mirror image (see :func:`fastpred.kernels.triton_common.store_mirrored`),
   so ``W == W^T`` bitwise. ``sum_k U[i,k] p_k U[j,k]`` needs no sign assumption
   on p (``min_eig < 0`` or ``eps < 0`` are allowed).
 - ``tl.dot`` accumulates in fp32 with the precision of
@@ -34,12 +34,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .triton_corr import (
+from .triton_common import (
     MAX_DIM,
     TileConfig,
     check_batch,
     define_op,
     fp32_input_precision,
+    launch_device,
     lower_tile_coords,
     lower_tiles,
     pick_config,
@@ -199,6 +200,12 @@ def rebuild_launch(
     u3 = u.reshape(batch, d, d)  # strides kept when it is a view (eigh's U is column-major)
     w3 = w.view(batch, d, d)
     grid = (lower_tiles(d, config.block_d), batch)
+    with launch_device(u):
+        _launch_rebuild(grid, s2, u3, w3, d, eps, power, eps_mode, min_eig, config)
+    return w
+
+
+def _launch_rebuild(grid, s2, u3, w3, d, eps, power, eps_mode, min_eig, config) -> None:
     wrap_triton(rebuild_kernel)[grid](
         s2,
         u3,
@@ -223,7 +230,6 @@ def rebuild_launch(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return w
 
 
 def _rebuild_fake(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:

@@ -11,8 +11,8 @@ pytest.importorskip("triton")
 from fastpred import functional  # noqa: E402
 from fastpred.backends import reference, resolve  # noqa: E402
 from fastpred.backends import triton as tb  # noqa: E402
-from fastpred.kernels import triton_corr  # noqa: E402
-from fastpred.kernels.triton_corr import TileConfig  # noqa: E402
+from fastpred.kernels import triton_common  # noqa: E402
+from fastpred.kernels.triton_common import TileConfig  # noqa: E402
 from fastpred.kernels.triton_rebuild import rebuild_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,7 +22,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # IEEE fp32 tl.dot (interpreter; GPU at "highe
 @pytest.fixture(autouse=True)
 def gpu_dot_sizes(monkeypatch):
     """Make the interpreter reject tl.dot blocks smaller than 16, as GPUs do."""
-    if not triton_corr.INTERPRETED:
+    if not triton_common.INTERPRETED:
         return
     from triton.runtime.interpreter import interpreter_builder
 
