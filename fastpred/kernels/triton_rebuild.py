@@ -56,7 +56,9 @@ def eig_map(s, s_max, eps, power, min_eig, RELATIVE: tl.constexpr, POWER_KIND: t
 
     POWER_KIND: 1 for power 1, 2 for power 1/2, 0 for any other power.
     """
-    s = tl.maximum(s, 0.0)
+    # NaN propagates (as in the reference): a failed eigendecomposition's NaN
+    # eigenvalues must give a NaN W, which the caller's finiteness check rejects.
+    s = tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if RELATIVE:
         base = tl.div_rn(s, tl.where(s_max > 0.0, s_max, 1.0))
     else:
@@ -70,7 +72,7 @@ def eig_map(s, s_max, eps, power, min_eig, RELATIVE: tl.constexpr, POWER_KIND: t
         positive = base > 0.0
         powered = tl.where(positive, tl.exp2(power * tl.log2(tl.where(positive, base, 1.0))), 0.0)
     if RELATIVE:
-        p = tl.maximum(powered + eps, min_eig)
+        p = tl.maximum(powered + eps, min_eig, propagate_nan=tl.PropagateNan.ALL)
     else:
         p = powered + eps * s_max
     return p

@@ -201,3 +201,17 @@ def test_gpu_large_batched(precision, tol):
     torch.testing.assert_close(w, expected, **tol)
     assert torch.equal(w, w.mT)
     assert torch.equal(w, again)  # deterministic: no races
+
+
+@pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
+def test_nan_eigenvalue_gives_nan_weight_like_the_reference(eps_mode):
+    """A failed GPU eigendecomposition leaves NaN eigenvalues (fastpred.eigh_driver):
+    W must come out non-finite so that a finiteness check rejects it."""
+    d = 40
+    s, u = torch.linalg.eigh(torch.eye(d) + 0.01 * torch.ones(d, d))
+    s[3] = float("nan")
+    args = (0.1, 0.5, eps_mode, 1e-4)
+    expected = reference.rebuild(s, u, *args)
+    w = rebuild_launch(s.to(DEVICE), u.to(DEVICE), *args)
+    assert not torch.isfinite(expected).all()
+    assert torch.equal(torch.isnan(w).cpu(), torch.isnan(expected))
