@@ -67,12 +67,12 @@ def test_newton_schulz_rejects_other_powers_and_small_eps():
 
 def test_warm_solver_first_call_and_large_moves_fall_back_to_eigh():
     corr = spectrum_matrix(48, 1e3).float()
-    basis = solvers.init_state("warm", corr)
-    w, refreshed = solvers.warm_eigh_weight(corr, basis, torch.linalg.eigh, eps=0.1, power=0.5,
+    state = solvers.init_state("warm", corr)
+    w, refreshed = solvers.warm_eigh_weight(corr, state, torch.linalg.eigh, eps=0.1, power=0.5,
                                             eps_mode="relative", min_eig=1e-4)
     assert refreshed and rel_err(w, exact_weight(corr)) < 1e-5
     moved = spectrum_matrix(48, 1e3, seed=5).float()  # an unrelated matrix: basis useless
-    w, refreshed = solvers.warm_eigh_weight(moved, basis, torch.linalg.eigh, eps=0.1, power=0.5,
+    w, refreshed = solvers.warm_eigh_weight(moved, state, torch.linalg.eigh, eps=0.1, power=0.5,
                                             eps_mode="relative", min_eig=1e-4)
     assert refreshed and rel_err(w, exact_weight(moved)) < 1e-5
 
