@@ -108,10 +108,13 @@ def _top_eigenpair(f: Tensor, top: Tensor | None, cold: bool, backend: str) -> T
         start = torch.where(norm > 0, warm / norm.clamp(min=1e-300), _probe(0, d, f))
         q = _krylov_basis(f, start, min(WARM_STEPS, d))
     projected = q.mT @ f @ q  # (..., k, k)
+    # A non-finite F: NaN out (decided on the device), rather than an eigensolver error.
+    finite = torch.isfinite(projected).all(-1).all(-1)  # (...)
+    projected = torch.where(finite[..., None, None], projected, torch.zeros_like(projected))
     values, vectors = backends.resolve(backend, f.device).eigh(projected)
     if top is not None:
         top.copy_((q @ vectors[..., -1:]).squeeze(-1))  # the Ritz vector
-    return values[..., -1]
+    return torch.where(finite, values[..., -1], torch.full_like(values[..., -1], float("nan")))
 
 
 def _krylov_basis(f: Tensor, v: Tensor, k: int) -> Tensor:
