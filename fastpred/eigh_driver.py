@@ -421,7 +421,8 @@ class TorchCudaOps:
         return _TorchPending(host, event)
 
     def capturing(self):
-        return self._torch.cuda.is_current_stream_capturing()
+        with self._torch.cuda.device(self.device):  # this device's current stream
+            return self._torch.cuda.is_current_stream_capturing()
 
     def stream_key(self):
         return self._torch.cuda.current_stream(self.device).cuda_stream
