@@ -3,7 +3,8 @@
 A backend is a named set of four functions with the signatures of
 :mod:`fastpred.backends.reference` (``corr_ema_``, ``gram``, ``eigh``, ``rebuild``).
 A backend module may leave a step to the reference by not defining it, and may
-define ``supports(device) -> bool``. Backends are imported lazily, the first time
+define ``supports(device) -> bool`` and, for ``"auto"``, ``prefers(step, *args) ->
+bool`` (per call: itself, or the reference). Backends are imported lazily, the first time
 they are asked for, so ``import fastpred`` never pulls in Triton, CuPy or the
 compiled extension.
 

@@ -17,7 +17,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..kernels import triton_corr, triton_rebuild  # noqa: F401  (registers the fastpred::triton_* ops)
+from ..kernels import triton_common, triton_corr, triton_rebuild  # noqa: F401  (registers the fastpred::triton_* ops)
 
 __all__ = ["supports", "prefers", "corr_ema_", "gram", "rebuild"]
 
@@ -25,7 +25,7 @@ __all__ = ["supports", "prefers", "corr_ema_", "gram", "rebuild"]
 def _interpreting() -> bool:
     # The variable must have been set before the kernels were defined (at import):
     # only then are they interpreted functions that accept CPU tensors.
-    return os.environ.get("TRITON_INTERPRET") == "1" and triton_corr.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET") == "1" and triton_common.INTERPRETED
 
 
 def supports(device: torch.device | str) -> bool:
