@@ -234,40 +234,36 @@ def corr_ema_launch(
     precision = fp32_input_precision() if x.dtype == torch.float32 else "ieee"
     grid = (lower_tiles(d, config.block_d), batch)
     with launch_device(corr):
-        _launch_corr_ema(grid, corr3, x3, mean2, w_t, n, d, float(weight), scale, precision, config)
+        wrap_triton(corr_ema_kernel)[grid](
+            corr3,
+            x3,
+            mean2,
+            w_t,
+            n,
+            d,
+            corr3.stride(0),
+            corr3.stride(1),
+            corr3.stride(2),
+            x3.stride(0),
+            x3.stride(1),
+            x3.stride(2),
+            0 if mean2 is None else mean2.stride(0),
+            0 if mean2 is None else mean2.stride(1),
+            float(weight),
+            scale,
+            HAS_MEAN=mean2 is not None,
+            WEIGHT_FROM_PTR=w_t is not None,
+            BLOCK_D=config.block_d,
+            BLOCK_K=config.block_k,
+            INPUT_PRECISION=precision,
+            NATIVE_DOT=not INTERPRETED,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     if not corr_is_view:
         corr.copy_(corr3.view(corr.shape))
     if not mean_is_view:
         mean.copy_(mean2.view(mean.shape))
-
-
-def _launch_corr_ema(grid, corr3, x3, mean2, w_t, n, d, weight, scale, precision, config) -> None:
-    wrap_triton(corr_ema_kernel)[grid](
-        corr3,
-        x3,
-        mean2,
-        w_t,
-        n,
-        d,
-        corr3.stride(0),
-        corr3.stride(1),
-        corr3.stride(2),
-        x3.stride(0),
-        x3.stride(1),
-        x3.stride(2),
-        0 if mean2 is None else mean2.stride(0),
-        0 if mean2 is None else mean2.stride(1),
-        weight,
-        scale,
-        HAS_MEAN=mean2 is not None,
-        WEIGHT_FROM_PTR=w_t is not None,
-        BLOCK_D=config.block_d,
-        BLOCK_K=config.block_k,
-        INPUT_PRECISION=precision,
-        NATIVE_DOT=not INTERPRETED,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -203,35 +203,31 @@ def rebuild_launch(
     w3 = w.view(batch, d, d)
     grid = (lower_tiles(d, config.block_d), batch)
     with launch_device(u):
-        _launch_rebuild(grid, s2, u3, w3, d, eps, power, eps_mode, min_eig, config)
+        wrap_triton(rebuild_kernel)[grid](
+            s2,
+            u3,
+            w3,
+            d,
+            s2.stride(0),
+            s2.stride(1),
+            u3.stride(0),
+            u3.stride(1),
+            u3.stride(2),
+            w3.stride(0),
+            w3.stride(1),
+            w3.stride(2),
+            float(eps),
+            float(power),
+            float(min_eig),
+            RELATIVE=eps_mode == "relative",
+            POWER_KIND=_power_kind(power),
+            BLOCK_D=config.block_d,
+            BLOCK_K=config.block_k,
+            INPUT_PRECISION=fp32_input_precision(),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     return w
-
-
-def _launch_rebuild(grid, s2, u3, w3, d, eps, power, eps_mode, min_eig, config) -> None:
-    wrap_triton(rebuild_kernel)[grid](
-        s2,
-        u3,
-        w3,
-        d,
-        s2.stride(0),
-        s2.stride(1),
-        u3.stride(0),
-        u3.stride(1),
-        u3.stride(2),
-        w3.stride(0),
-        w3.stride(1),
-        w3.stride(2),
-        float(eps),
-        float(power),
-        float(min_eig),
-        RELATIVE=eps_mode == "relative",
-        POWER_KIND=_power_kind(power),
-        BLOCK_D=config.block_d,
-        BLOCK_K=config.block_k,
-        INPUT_PRECISION=fp32_input_precision(),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
 
 
 def _rebuild_fake(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:

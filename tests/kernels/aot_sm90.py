@@ -29,10 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
-SPILL_BUDGET = 128  # bytes of spill stores allowed per thread
-
-
 def find_ptxas() -> str | None:
     """CUDA's ptxas (CUDA_HOME, /usr/local/cuda, PATH), else the one Triton bundles."""
     candidates = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas"),
