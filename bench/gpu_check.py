@@ -1,11 +1,22 @@
 """`make gpu-check`: on a CUDA machine, the GPU tests and the GPU benchmarks, in one report.
 
-    python -m bench.gpu_check [--out gpu-report] [--quick] [--skip-tests]
+    make gpu-check PYTHON=python3             # a GPU machine's own interpreter, offline
+    make gpu-check PYTHON=python3 DRY_RUN=1   # the same steps on a CPU machine (CI)
+    python -m bench.gpu_check [--build] [--dry-run] [--out gpu-report] [--quick] [--skip-tests]
 
+Everything runs with the interpreter that runs this script; nothing is installed.
+Within a time budget (``--budget-s``, default 450 s, build included):
+
+0. ``--build``: ``fastpred._C`` built in place against this interpreter's torch
+   (``setup.py build_ext --inplace``; CUDA_HOME default /usr/local/cuda,
+   TORCH_CUDA_ARCH_LIST default 9.0, MAX_JOBS default the core count), unless the
+   module for this interpreter is newer than every source and imports.
 1. Environment: GPU, torch/CUDA/cuSOLVER versions, whether fastpred._C holds CUDA
    kernels for this GPU, CuPy and Triton.
-2. ``pytest -m gpu``: every GPU test (tests/gpu/ and any other test marked ``gpu``).
-3. Benchmarks, timed with CUDA events in interleaved rounds (medians):
+2. ``pytest tests/gpu tests/kernels -m gpu``: every GPU test, each under a timeout
+   (pytest-timeout, ``--test-timeout``).
+3. Benchmarks, timed with CUDA events in interleaved rounds (medians); a case that
+   would start after the budget is spent is skipped and listed as such:
    * eigh: ``torch.linalg.eigh`` against fastpred's cuSOLVER paths (csrc ``Xsyevd``,
      CuPy ``Xsyevd``, csrc ``XsyevBatched``, ``Xsyevd`` matrix by matrix,
      ``cupy.linalg.eigh``) at dim 128 ... 4096 and batch 1 ... 64;
@@ -14,19 +25,27 @@
    * the full update through ``fastpred.functional`` per backend, and its ratio to a
      bare ``torch.linalg.eigh``;
    * host synchronisations per predictor step (``torch.cuda.set_sync_debug_mode``,
-     counted) and how long the host is held behind a GPU sleep, per backend.
-4. ``report.json`` and ``report.md`` in ``--out``.
+     counted) and how long the host is held behind a GPU sleep, per backend;
+   * DirectCopy (power 1): the closed form ``F / s_max + eps I`` against the eigh path.
+4. ``report.json`` and ``report.md`` in ``--out``, written whatever failed.
 
-Exit status: 2 without a GPU (nothing is measured), 1 when GPU tests failed, else 0.
+``--dry-run`` (no GPU needed): the build, the collection of the GPU tests, and the
+report, which says that nothing was measured.
+
+Exit status: 0 when everything ran and passed; 1 when the build, a GPU test (or, in
+a dry run, their collection) failed; 2 without a GPU (and no ``--dry-run``).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -39,14 +58,37 @@ import fastpred.functional as F
 from fastpred import backends
 from fastpred.backends import reference
 
-FULL = dict(dims=[128, 256, 512, 1024, 2048, 4096], batches=[1, 4, 16, 64], rounds=7)
+ROOT = Path(__file__).resolve().parents[1]
+FULL = dict(dims=[128, 256, 512, 1024, 2048], batches=[1, 4, 16, 64], rounds=5)
 QUICK = dict(dims=[128, 512], batches=[1, 8], rounds=3)
 # Skip (dim, batch) pairs whose work exceeds 64 matrices of 1024 (minutes of GPU time otherwise).
 EIGH_BUDGET = 64 * 1024**3
 BACKEND_NAMES = ["torch", "csrc", "cupy", "triton", "auto"]
+GPU_TEST_PATHS = ["tests/gpu", "tests/kernels"]  # where tests marked `gpu` live
 
 
 # ------------------------------------------------------------------ timing
+class Budget:
+    """Seconds left of the whole check (build included); benchmarks stop when it is spent."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def allows(self, what: str) -> bool:
+        if self.left() > 0:
+            return True
+        self.skipped.append(what)
+        print(f"gpu-check: time budget spent, skipping {what}", flush=True)
+        return False
+
+
+BUDGET = Budget(float("inf"))  # set by main()
+
+
 def time_cuda(cases: dict[str, Callable[[], object]], rounds: int, inner: int = 3) -> dict[str, dict]:
     """Per case: median GPU ms per call (CUDA events) and host ms per call, interleaved rounds."""
     for fn in cases.values():  # warm-up: workspaces, caches, autotuning
@@ -91,9 +133,11 @@ def available_backends() -> list[str]:
 
 # ------------------------------------------------------------ environment
 def environment() -> dict:
+    gpu = torch.cuda.is_available()
     info = {
-        "gpu": torch.cuda.get_device_name(),
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "gpu": torch.cuda.get_device_name() if gpu else "none",
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if gpu else "",
+        "interpreter": sys.executable,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": platform.python_version(),
@@ -102,9 +146,10 @@ def environment() -> dict:
     try:
         from fastpred import _C
 
-        info.update(csrc_built_with_cuda=_C.built_with_cuda(), cusolver=_C.cusolver_version(),
-                    xsyev_batched=_C.has_syevd_batched(),
-                    csrc_kernel_image=_C.cuda_kernel_image_error() or "ok")
+        info["csrc_built_with_cuda"] = _C.built_with_cuda()
+        if gpu and _C.built_with_cuda():
+            info.update(cusolver=_C.cusolver_version(), xsyev_batched=_C.has_syevd_batched(),
+                        csrc_kernel_image=_C.cuda_kernel_image_error() or "ok")
     except ImportError as err:
         info["csrc"] = f"not importable: {err}"
     for module in ("cupy", "triton"):
@@ -112,20 +157,97 @@ def environment() -> dict:
             info[module] = __import__(module).__version__
         except ImportError:
             info[module] = "not installed"
-    info["backends"] = available_backends()
+    info["backends"] = available_backends() if gpu else []
     return info
 
 
+# ------------------------------------------------------------------ build
+def _sources() -> list[Path]:
+    return [ROOT / "setup.py"] + [Path(p) for p in glob.glob(str(ROOT / "csrc" / "**" / "*"), recursive=True)
+                                  if Path(p).is_file()]
+
+
+def _extension_imports() -> tuple[bool, str]:
+    proc = subprocess.run([sys.executable, "-c", "import torch, fastpred._C as c; print(c.built_with_cuda())"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return True, proc.stdout.strip()
+    lines = proc.stderr.strip().splitlines()
+    return False, lines[-1] if lines else ""
+
+
+def build_extension(out: Path, budget: Budget) -> dict:
+    """``fastpred._C`` for this interpreter and its torch, in place; reused when it is newer
+    than every source and imports (the module another build of the same sources left)."""
+    module = ROOT / "fastpred" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    newest = max(p.stat().st_mtime for p in _sources())
+    if module.exists() and module.stat().st_mtime >= newest:
+        ok, built_with_cuda = _extension_imports()
+        if ok:
+            print(f"gpu-check: {module.name} is up to date (CUDA: {built_with_cuda})", flush=True)
+            return {"ok": True, "reused": True, "module": module.name, "built_with_cuda": built_with_cuda}
+    env = dict(os.environ)
+    env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    cmd = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    print(f"$ CUDA_HOME={env['CUDA_HOME']} TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} "
+          f"MAX_JOBS={env['MAX_JOBS']} {' '.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=max(60.0, budget.left()))
+        log, returncode = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        log, returncode = f"{err.stdout or ''}{err.stderr or ''}\nbuild timed out", -1
+    (out / "build.log").write_text(log)
+    ok, built_with_cuda = _extension_imports() if returncode == 0 else (False, "")
+    result = {"ok": ok, "reused": False, "seconds": round(time.monotonic() - t0, 1), "module": module.name,
+              "built_with_cuda": built_with_cuda, "arch_list": env["TORCH_CUDA_ARCH_LIST"], "log": "build.log"}
+    print(f"gpu-check: build {'ok' if ok else 'FAILED (see build.log)'} in {result['seconds']} s", flush=True)
+    if not ok:
+        print(log[-3000:], flush=True)
+    return result
+
+
 # ------------------------------------------------------------------ tests
-def run_gpu_tests(out: Path) -> dict:
+def _has_pytest_timeout() -> bool:
+    try:
+        import pytest_timeout  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_gpu_tests(out: Path, budget: Budget, test_timeout: float, collect_only: bool = False) -> dict:
+    """``pytest -m gpu`` (each test under ``test_timeout`` s with pytest-timeout; the whole
+    run under the budget left), or only its collection (a dry run)."""
     junit = out / "pytest-gpu.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "--continue-on-collection-errors",
+    # Only the folders that hold GPU tests: the others need packages (torchvision, ...) a
+    # GPU machine may lack, and their collection errors would mask the GPU results.
+    cmd = [sys.executable, "-m", "pytest", *GPU_TEST_PATHS, "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={junit}"]
+    if collect_only:
+        cmd.append("--collect-only")
+    else:
+        cmd.append("--continue-on-collection-errors")
+        if _has_pytest_timeout():
+            cmd.append(f"--timeout={test_timeout:g}")
     print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    (out / "pytest-gpu.log").write_text(proc.stdout + proc.stderr)
-    print(proc.stdout[-3000:], flush=True)
-    result = {"returncode": proc.returncode, "counts": {}, "failed": [], "skipped": []}
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(60.0, budget.left() - 120))
+        log, returncode = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as err:
+        log, returncode = f"{err.stdout or ''}{err.stderr or ''}\npytest stopped: the time budget ran out", -1
+    if isinstance(log, bytes):
+        log = log.decode(errors="replace")
+    (out / "pytest-gpu.log").write_text(log)
+    print(log[-3000:], flush=True)
+    result = {"returncode": returncode, "collect_only": collect_only, "counts": {}, "failed": [], "skipped": []}
+    if collect_only:
+        collected = [line for line in log.splitlines() if "::" in line]
+        result["counts"]["collected"] = len(collected)
+        return result
     if junit.exists():
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -160,7 +282,7 @@ def bench_eigh(dims, batches, rounds) -> list[dict]:
     rows = []
     for dim in dims:
         for batch in batches:
-            if batch * dim**3 > EIGH_BUDGET:
+            if batch * dim**3 > EIGH_BUDGET or not BUDGET.allows(f"eigh dim={dim} batch={batch}"):
                 continue
             _, corr = correlation(dim, batch)
             cases = {"torch.linalg.eigh": lambda c=corr: torch.linalg.eigh(c)}
@@ -183,6 +305,8 @@ def bench_stages(dims, rounds) -> list[dict]:
     rows = []
     names = [n for n in available_backends() if n != "auto"]
     for dim in dims:
+        if not BUDGET.allows(f"stages dim={dim}"):
+            continue
         x, corr = correlation(dim)
         s, u = torch.linalg.eigh(corr)
         weight = torch.tensor(0.7, device="cuda")
@@ -208,6 +332,8 @@ def bench_stages(dims, rounds) -> list[dict]:
 def bench_full(dims, rounds) -> list[dict]:
     rows = []
     for dim in dims:
+        if not BUDGET.allows(f"full update dim={dim}"):
+            continue
         x, corr0 = correlation(dim)
         cases = {"bare torch.linalg.eigh": lambda c=corr0: torch.linalg.eigh(c)}
         for name in available_backends():
@@ -228,6 +354,8 @@ def count_syncs(dim: int = 256, steps: int = 5) -> list[dict]:
 
     rows = []
     for name in available_backends():
+        if not BUDGET.allows(f"syncs {name}"):
+            continue
         pred = DirectPredictor(dim, backend=name).cuda()
         x = torch.randn(2 * dim, dim, device="cuda")
         for _ in range(3):
@@ -257,12 +385,57 @@ def count_syncs(dim: int = 256, steps: int = 5) -> list[dict]:
     return rows
 
 
+def bench_directcopy(dims, rounds) -> list[dict]:
+    """power 1: the closed form F / s_max + eps I (warm-started top eigenpair) against the
+    eigh path (eigendecomposition + rebuild), per backend; error against float64 eigh."""
+    from fastpred import solvers
+
+    rows = []
+    for dim in dims:
+        if not BUDGET.allows(f"directcopy dim={dim}"):
+            continue
+        _, corr = correlation(dim)
+        s, u = torch.linalg.eigh(corr.double())
+        exact = (u * (s / s[-1] + 0.1)) @ u.mT
+        cases, errors = {}, {}
+        for name in available_backends():
+            impl = backends.resolve(name, torch.device("cuda"))
+            top = solvers.init_state("eigh", corr)
+            cases[f"{name} closed form"] = lambda c=corr, t=top, n=name: solvers.directcopy_weight(c, t, eps=0.1,
+                                                                                                   backend=n)
+            cases[f"{name} eigh path"] = lambda c=corr, i=impl, n=name: i.rebuild(
+                *F.symmetric_eigh(c, backend=n), 0.1, 1.0, "relative", 1e-4)
+            for kind in ("closed form", "eigh path"):
+                errors[f"{name} {kind}"] = (cases[f"{name} {kind}"]().double() - exact).abs().max().item()
+        print(f"directcopy dim={dim}: {', '.join(cases)}", flush=True)
+        for name, t in time_cuda(cases, rounds).items():
+            rows.append({"dim": dim, "case": name, **t, "max_abs_err_vs_float64": errors[name]})
+    return rows
+
+
 # ----------------------------------------------------------------- report
 def markdown(result: dict) -> str:
     env, lines = result["environment"], ["# fastpred GPU check", ""]
+    if result.get("dry_run"):
+        lines += ["**Dry run: no GPU was used and nothing was measured** (build, test collection and this "
+                  "report only).", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()]
+    build = result.get("build")
+    if build:
+        lines += ["", "## Build of fastpred._C", "",
+                  f"{'reused (up to date)' if build['reused'] else 'built'}: {build['module']}, "
+                  f"ok={build['ok']}, CUDA={build.get('built_with_cuda')}"
+                  + ("" if build["reused"] else f", {build['seconds']} s, arch {build['arch_list']} (log: build.log)")]
+    if result.get("error"):
+        lines += ["", f"**Stopped by an error:** {result['error']}"]
+    if result.get("budget_skipped"):
+        lines += ["", "Skipped when the time budget was spent: " + ", ".join(result["budget_skipped"])]
     tests = result.get("tests")
-    if tests:
+    if tests and tests.get("collect_only"):
+        lines += ["", "## GPU tests (collected only)", "",
+                  f"{tests['counts'].get('collected', 0)} GPU tests collected (exit status {tests['returncode']}; "
+                  "log: pytest-gpu.log)"]
+    elif tests:
         counts = tests["counts"]
         lines += ["", "## GPU tests (`pytest -m gpu`)", "",
                   f"{counts.get('tests', '?')} tests, {counts.get('failures', '?')} failures, "
@@ -271,10 +444,16 @@ def markdown(result: dict) -> str:
         lines += [f"- FAILED {f['test']}: {f['message']}" for f in tests["failed"]]
         reasons = sorted({s["reason"] for s in tests["skipped"]})
         lines += [f"- skipped because: {r}" for r in reasons]
+    if "syncs" not in result:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Host synchronisations per predictor step", "",
               "| backend | syncs/step | host ms held behind a GPU sleep (of ms) |", "|---|---:|---:|"]
     lines += [f"| {r['backend']} | {r['syncs_per_step']:.1f} | {r['host_ms_behind_sleep']:.1f} ({r['sleep_ms']:.0f}) |"
               for r in result["syncs"]]
+    lines += ["", "## DirectCopy (power 1): closed form vs eigh path", "",
+              "| dim | case | GPU ms | host ms | max abs error vs float64 |", "|---:|---|---:|---:|---:|"]
+    lines += [f"| {r['dim']} | {r['case']} | {r['gpu_ms']:.3f} | {r['host_ms']:.3f} | {r['max_abs_err_vs_float64']:.1e} |"
+              for r in result.get("directcopy", [])]
     lines += ["", "## Full update (statistics + eigh + map + rebuild)", "",
               "| dim | backend | GPU ms | host ms | vs bare eigh |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {r['dim']} | {r['case']} | {r['gpu_ms']:.3f} | {r['host_ms']:.3f} | {r['vs_bare_eigh']:.2f}x |"
@@ -291,35 +470,63 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global BUDGET
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu-report", help="folder for report.md and report.json")
+    parser.add_argument("--build", action="store_true", help="build fastpred._C in place first (if out of date)")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: build, collect the GPU tests, report")
     parser.add_argument("--quick", action="store_true", help="small grid (a smoke run)")
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="seconds for everything, build included")
+    parser.add_argument("--test-timeout", type=float, default=120.0, help="seconds per GPU test")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    BUDGET = Budget(args.budget_s)
+    if not args.dry_run and not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False). This check runs the "
-              "GPU tests and benchmarks and needs a machine with an NVIDIA GPU; nothing was measured.",
-              file=sys.stderr)
+              "GPU tests and benchmarks and needs a machine with an NVIDIA GPU; nothing was measured "
+              "(DRY_RUN=1 runs the build, the test collection and the report without one).", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = QUICK if args.quick else FULL
-    result = {"environment": environment(), "grid": grid}
-    print(json.dumps(result["environment"], indent=1), flush=True)
-    if result["environment"].get("csrc_kernel_image", "ok") != "ok":
-        cap = result["environment"]["capability"]
-        print(f"gpu-check: fastpred._C has no kernels for this GPU ({result['environment']['csrc_kernel_image']});"
-              f" rebuild it: make clean && TORCH_CUDA_ARCH_LIST={cap} make gpu-check", file=sys.stderr)
-    if not args.skip_tests:
-        result["tests"] = run_gpu_tests(out)
-    result["syncs"] = count_syncs()
-    result["full"] = bench_full(grid["dims"], grid["rounds"])
-    result["stages"] = bench_stages(grid["dims"], grid["rounds"])
-    result["eigh"] = bench_eigh(grid["dims"], grid["batches"], grid["rounds"])
-    (out / "report.json").write_text(json.dumps(result, indent=1))
-    (out / "report.md").write_text(markdown(result))
-    print(f"gpu-check: wrote {out / 'report.md'} and {out / 'report.json'}", flush=True)
-    return 1 if result.get("tests", {}).get("returncode", 0) != 0 else 0
+    result: dict = {"dry_run": args.dry_run, "grid": grid, "budget_s": args.budget_s}
+    failed = False
+    try:
+        if args.build:
+            result["build"] = build_extension(out, BUDGET)
+            failed |= not result["build"]["ok"]
+        result["environment"] = environment()
+        print(json.dumps(result["environment"], indent=1), flush=True)
+        if args.dry_run:
+            result["tests"] = run_gpu_tests(out, BUDGET, args.test_timeout, collect_only=True)
+            failed |= result["tests"]["returncode"] != 0
+            return 1 if failed else 0
+        if result["environment"].get("csrc_kernel_image", "ok") != "ok":
+            cap = result["environment"]["capability"]
+            print(f"gpu-check: fastpred._C has no kernels for this GPU ({result['environment']['csrc_kernel_image']});"
+                  f" rebuild it: TORCH_CUDA_ARCH_LIST={cap} make gpu-check PYTHON=...", file=sys.stderr)
+        if not args.skip_tests:
+            result["tests"] = run_gpu_tests(out, BUDGET, args.test_timeout)
+            failed |= result["tests"]["returncode"] != 0
+        result["syncs"] = count_syncs()
+        result["directcopy"] = bench_directcopy([256, 1024], grid["rounds"])
+        result["full"] = bench_full(grid["dims"], grid["rounds"])
+        result["stages"] = bench_stages(grid["dims"], grid["rounds"])
+        result["eigh"] = bench_eigh(grid["dims"], grid["batches"], grid["rounds"])
+        return 1 if failed else 0
+    except Exception as err:  # noqa: BLE001 - the report is written whatever failed
+        result["error"] = f"{type(err).__name__}: {err}"
+        print(f"gpu-check: stopped by {result['error']}", file=sys.stderr)
+        return 1
+    finally:
+        result.setdefault("environment", {})
+        result["budget_skipped"] = BUDGET.skipped
+        result["seconds"] = round(args.budget_s - BUDGET.left(), 1)
+        for key in ("full", "stages", "eigh"):
+            result.setdefault(key, [])
+        (out / "report.json").write_text(json.dumps(result, indent=1))
+        (out / "report.md").write_text(markdown(result))
+        print(f"gpu-check: wrote {out / 'report.md'} and {out / 'report.json'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -131,37 +131,12 @@ void symmetric_product(int64_t n, int64_t k, T alpha, const T* a, const T* b, T 
 }
 
 // ----------------------------------------------------------------- corr_ema_
-double read_weight(const Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 0, "fastpred::corr_ema_: weight must be a 0-dim tensor, got shape ",
-              weight.sizes());
-  TORCH_CHECK(weight.is_cpu(), "fastpred::corr_ema_: on CPU, weight must be a CPU tensor");
-  return weight.item<double>();
-}
-
-void check_corr_x(const Tensor& corr, const Tensor& x, const char* op) {
-  TORCH_CHECK(corr.dim() >= 2 && corr.size(-1) == corr.size(-2), op, ": corr must be (..., d, d), got ",
-              corr.sizes());
-  TORCH_CHECK(corr.scalar_type() == at::kFloat, op, ": corr must be float32, got ", corr.scalar_type());
-  TORCH_CHECK(x.dim() == corr.dim() && x.size(-1) == corr.size(-1), op,
-              ": x must be (..., N, d) with corr's leading shape, got x ", x.sizes(), " and corr ", corr.sizes());
-  TORCH_CHECK(x.sizes().slice(0, x.dim() - 2) == corr.sizes().slice(0, corr.dim() - 2), op,
-              ": x and corr must have the same leading (batch) shape, got ", x.sizes(), " and ", corr.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(x.size(-2) > 0, op, ": x has no rows (N = 0)");
-}
-
 void corr_ema_cpu(const Tensor& corr, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& mean) {
-  constexpr const char* op = "fastpred::corr_ema_";
-  check_corr_x(corr, x, op);
+  check_corr_ema_args(corr, x, weight, mean);  // before anything is written
   const int64_t d = corr.size(-1), n = x.size(-2);
   const int64_t batch = corr.numel() / std::max<int64_t>(1, d * d);
-  const double w = read_weight(weight);
+  const double w = weight.item<double>();  // on the CPU (checked)
   const Tensor xf = x.to(at::kFloat).contiguous();  // (..., N, d)
-  if (mean.has_value()) {  // checked before anything is written
-    TORCH_CHECK(mean->sizes() == corr.sizes().slice(0, corr.dim() - 1) && mean->scalar_type() == at::kFloat,
-                op, ": mean must be a float32 tensor of shape ", corr.sizes().slice(0, corr.dim() - 1), ", got ",
-                mean->scalar_type(), " ", mean->sizes());
-  }
   if (d > 0 && batch > 0) {
     check_int32(std::max(d, n), "dimension");
     Tensor out = corr.is_contiguous() ? corr : corr.contiguous();

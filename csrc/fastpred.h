@@ -13,6 +13,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <optional>
+
 #include "build_info.h"
 #include "eig_map.h"
 
@@ -23,5 +25,11 @@ EpsMode parse_eps_mode(c10::string_view eps_mode);
 
 // The checks every device's fastpred::rebuild makes on (s, u): shapes and dtypes.
 void check_rebuild_args(const at::Tensor& s, const at::Tensor& u);
+
+// The checks every device's fastpred::corr_ema_ makes before writing anything:
+// shapes, dtypes and devices of corr, x, weight (0-dim, on corr's device or the CPU)
+// and mean.
+void check_corr_ema_args(const at::Tensor& corr, const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& mean);
 
 }  // namespace fastpred

@@ -29,6 +29,30 @@ void check_rebuild_args(const at::Tensor& s, const at::Tensor& u) {
               u.scalar_type());
 }
 
+void check_corr_ema_args(const at::Tensor& corr, const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& mean) {
+  constexpr const char* op = "fastpred::corr_ema_";
+  TORCH_CHECK(corr.dim() >= 2 && corr.size(-1) == corr.size(-2), op, ": corr must be (..., d, d), got ",
+              corr.sizes());
+  TORCH_CHECK(corr.scalar_type() == at::kFloat, op, ": corr must be float32, got ", corr.scalar_type());
+  TORCH_CHECK(x.dim() == corr.dim() && x.size(-1) == corr.size(-1), op,
+              ": x must be (..., N, d) with corr's leading shape, got x ", x.sizes(), " and corr ", corr.sizes());
+  TORCH_CHECK(x.sizes().slice(0, x.dim() - 2) == corr.sizes().slice(0, corr.dim() - 2), op,
+              ": x and corr must have the same leading (batch) shape, got ", x.sizes(), " and ", corr.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == corr.device(), op, ": x is on ", x.device(), ", corr on ", corr.device());
+  TORCH_CHECK(x.size(-2) > 0, op, ": x has no rows (N = 0)");
+  TORCH_CHECK(weight.dim() == 0, op, ": weight must be a 0-dim tensor, got shape ", weight.sizes());
+  TORCH_CHECK(weight.is_cpu() || weight.device() == corr.device(), op, ": weight must be on ", corr.device(),
+              " or the CPU, got ", weight.device());
+  if (mean.has_value()) {
+    TORCH_CHECK(mean->sizes() == corr.sizes().slice(0, corr.dim() - 1) && mean->scalar_type() == at::kFloat &&
+                    mean->device() == corr.device(),
+                op, ": mean must be a float32 tensor of shape ", corr.sizes().slice(0, corr.dim() - 1), " on ",
+                corr.device(), ", got ", mean->scalar_type(), " ", mean->sizes(), " on ", mean->device());
+  }
+}
+
 }  // namespace fastpred
 
 TORCH_LIBRARY(fastpred, m) {

@@ -9,7 +9,7 @@ does not pull in torch.
 """
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 __all__ = ["DirectPredictor", "EighError", "backends", "functional", "solvers", "theory", "__version__"]
 
 _LAZY = {
@@ -33,4 +33,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(set(globals()) | set(_LAZY))  # a loaded name is in both

@@ -2,8 +2,8 @@
 
 It is written against a small array namespace (:class:`ArrayOps`), so the same code
 runs with torch CUDA tensors in the GPU backends (:class:`TorchCudaOps`) and with
-NumPy arrays in CI (:class:`NumpyOps`), where the solvers are NumPy stand-ins with
-injected failures. What it does:
+NumPy arrays in CI (``tests/numpy_ops.py``), where the solvers are NumPy stand-ins
+with injected failures. What it does:
 
 * **Workspace caching.** A solver's device and host workspaces, and the query of
   their sizes, are made once per (solver, n, batch, dtype, stream) and reused; the
@@ -17,15 +17,17 @@ injected failures. What it does:
   library too old, an unsupported size) is disabled for that (n, dtype) with a
   warning, and the next one takes the same chunk. float32 first; float64 when every
   float32 solver raised.
-* **Lazy info check.** cuSOLVER reports per-matrix failure in ``info``, on the device.
-  Reading it at once would stall the host every step (``torch.linalg.eigh`` does).
-  Instead each call starts an asynchronous copy of ``info`` to pinned host memory and
-  a later call inspects it once the copy has landed (an event query, never a wait).
-  A failure found that way is raised as :class:`EighFailure` (a ``RuntimeError``)
-  from the call that finds it, so the caller's retry takes over
-  (``functional.symmetric_eigh`` redoes that call in float64), and matrices of that
-  size are decomposed in float64 from then on. :meth:`EighDriver.check` waits and
-  reports everything outstanding (tests, the end of a run). During CUDA-graph
+* **Failures become NaN, on the device.** cuSOLVER reports per-matrix failure in
+  ``info``, on the device. Reading it at once would stall the host every step
+  (``torch.linalg.eigh`` does). Instead, still on the device, the eigenvalues of a
+  matrix whose ``info`` is nonzero are set to NaN, so that whatever is built from
+  them (W_p) is NaN too and a device-side finiteness check (the predictor's) rejects
+  it in the same step. For the record, each call also starts an asynchronous copy of
+  ``info`` to pinned host memory, and a later call inspects it once the copy has
+  landed (an event query, never a wait): a failure found that way is warned about
+  (RuntimeWarning, and ``stats.failures``) and matrices of that size are decomposed
+  in float64 from then on. :meth:`EighDriver.check` waits for everything
+  outstanding and returns the failures (tests, the end of a run). During CUDA-graph
   capture no copy is started; the captured ``info`` buffers are kept and
   :meth:`EighDriver.check` reads them after replays.
 
@@ -48,10 +50,6 @@ import numpy as np
 INT32_MAX = 2**31 - 1
 
 Array = Any  # an array of the ArrayOps' library (torch.Tensor, numpy.ndarray)
-
-
-class EighFailure(RuntimeError):
-    """A GPU eigendecomposition reported failure (nonzero ``info``), found lazily."""
 
 
 # ----------------------------------------------------------------- namespaces
@@ -89,6 +87,10 @@ class ArrayOps(Protocol):
 
     def transpose(self, a: Array) -> Array:
         """Swap the last two axes (a view)."""
+
+    def mark_failed(self, w: Array, info: Array) -> None:
+        """Set ``w[b, :]`` to NaN where ``info[b] != 0``, in place, without reading
+        ``info`` on the host."""
 
     def start_to_host(self, info: Array) -> Pending:
         """Begin copying ``info`` to the host without waiting."""
@@ -163,9 +165,8 @@ class EighDriver:
         int32_limit: the bound on ``n * n * chunk`` of one batched call.
         max_cached: workspaces kept (least recently used dropped first).
         max_pending: info checks in flight; beyond it a call goes unchecked (and is
-            counted in ``stats.unchecked``) rather than waiting.
-        on_failure: ``"raise"`` (an :class:`EighFailure` from the call that finds a
-            failure) or ``"warn"`` (a RuntimeWarning; the call proceeds).
+            counted in ``stats.unchecked``) rather than waiting (its failures still
+            come out as NaN eigenvalues).
     """
 
     def __init__(
@@ -176,10 +177,7 @@ class EighDriver:
         int32_limit: int = INT32_MAX,
         max_cached: int = 16,
         max_pending: int = 64,
-        on_failure: str = "raise",
     ) -> None:
-        if on_failure not in ("raise", "warn"):
-            raise ValueError(f"on_failure must be 'raise' or 'warn', got {on_failure!r}")
         if not solvers:
             raise ValueError("solvers must name at least one solver")
         self.ops = ops
@@ -187,7 +185,6 @@ class EighDriver:
         self.int32_limit = int(int32_limit)
         self.max_cached = int(max_cached)
         self.max_pending = int(max_pending)
-        self.on_failure = on_failure
         self.stats = DriverStats()
         self._workspaces: OrderedDict[tuple, _Workspace] = OrderedDict()
         self._pending: deque[_Check] = deque()
@@ -200,10 +197,12 @@ class EighDriver:
         """Eigenvalues (ascending) and eigenvectors (columns) of the stack ``a`` (..., n, n).
 
         Enqueued, not waited for. Results have a's dtype (float32 for other
-        floating dtypes).
+        floating dtypes). A matrix the solver failed on gets NaN eigenvalues.
+
+        Warns:
+            RuntimeWarning: an *earlier* call's ``info``, landed since, showed a failure.
 
         Raises:
-            EighFailure: an *earlier* call's ``info`` showed a failure (on_failure="raise").
             RuntimeError: no solver could be called for this input, in float32 or float64.
         """
         self.poll()
@@ -241,8 +240,9 @@ class EighDriver:
             found += self._inspect(check, check.pending.wait())
         self._report(found)
 
-    def check(self) -> None:
-        """Wait for every outstanding info check (a host sync) and report failures."""
+    def check(self) -> list[str]:
+        """Wait for every outstanding info check (a host sync); warn about and return
+        the failures found (empty when every decomposition succeeded)."""
         found = []
         while self._pending:
             check = self._pending.popleft()
@@ -250,6 +250,7 @@ class EighDriver:
         for check in self._captured:
             found += self._inspect(check, self.ops.start_to_host(check.info).wait())
         self._report(found)
+        return found
 
     # ------------------------------------------------------------- solving
     def _solve(self, a: Array, n: int, batch: int, dtype: Any) -> tuple[Array, Array]:
@@ -273,6 +274,7 @@ class EighDriver:
             used.append(solver.name)
             start = stop
         if batch:
+            self.ops.mark_failed(w, info)
             self._track(info, n, dtype, tuple(used))
         return w, buf
 
@@ -345,65 +347,13 @@ class EighDriver:
     def _report(self, found: list[str]) -> None:
         if not found:
             return
-        message = ("fastpred GPU eigh: cuSOLVER reported failure (found after the call): " + "; ".join(found)
-                   + ". That size is decomposed in float64 from now on.")
-        if self.on_failure == "raise":
-            raise EighFailure(message)
+        message = ("fastpred GPU eigh: cuSOLVER reported failure (found after the call; its eigenvalues "
+                   "were NaN): " + "; ".join(found) + ". That size is decomposed in float64 from now on.")
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
-
-
-# ------------------------------------------------------------------- NumPy
-class _Landed:
-    def __init__(self, values: np.ndarray) -> None:
-        self._values = values
-
-    def ready(self) -> bool:
-        return True
-
-    def wait(self) -> np.ndarray:
-        return self._values
-
-
-class NumpyOps:
-    """:class:`ArrayOps` over NumPy: host arrays, copies land at once (for CI)."""
-
-    float32 = np.dtype(np.float32)
-    float64 = np.dtype(np.float64)
-    int32 = np.dtype(np.int32)
-
-    def empty(self, shape, dtype):
-        return np.empty(shape, dtype=dtype)
-
-    def empty_host(self, nbytes):
-        return np.empty(nbytes, dtype=np.uint8)
-
-    def empty_device_bytes(self, nbytes):
-        return np.empty(nbytes, dtype=np.uint8)
-
-    def copy_as(self, a, shape, dtype):
-        return np.ascontiguousarray(np.asarray(a, dtype=dtype).reshape(shape)).copy()
-
-    def cast(self, a, dtype):
-        return a.astype(dtype)
-
-    def dtype_of(self, a):
-        return np.asarray(a).dtype
-
-    def transpose(self, a):
-        return np.swapaxes(a, -1, -2)
-
-    def start_to_host(self, info):
-        return _Landed(np.array(info, copy=True))
-
-    def capturing(self):
-        return False
-
-    def stream_key(self):
-        return None
 
 
 # ------------------------------------------------------------------- torch
@@ -457,29 +407,43 @@ class TorchCudaOps:
     def transpose(self, a):
         return a.mT
 
+    def mark_failed(self, w, info):
+        w.masked_fill_(info.ne(0).unsqueeze(-1), float("nan"))
+
     def start_to_host(self, info):
         torch = self._torch
         host = torch.empty(info.shape, dtype=info.dtype, pin_memory=True)
-        host.copy_(info, non_blocking=True)
+        stream = torch.cuda.current_stream(self.device)  # the device's stream, not the current device's
+        with torch.cuda.stream(stream):
+            host.copy_(info, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(stream)
         return _TorchPending(host, event)
 
     def capturing(self):
-        return self._torch.cuda.is_current_stream_capturing()
+        with self._torch.cuda.device(self.device):  # this device's current stream
+            return self._torch.cuda.is_current_stream_capturing()
 
     def stream_key(self):
         return self._torch.cuda.current_stream(self.device).cuda_stream
 
 
-def device_driver(cache: dict, device, make_solvers: Callable[[], Sequence[Solver]]) -> EighDriver:
-    """The one :class:`EighDriver` of a CUDA ``device`` in ``cache`` (created on first use
-    with :class:`TorchCudaOps` and ``make_solvers()``); ``.check()`` reports pending failures."""
+_drivers: dict[tuple, EighDriver] = {}
+
+
+def device_driver(device, backend: str, make_solvers: Callable[[], Sequence[Solver]]) -> EighDriver:
+    """The one :class:`EighDriver` of ``backend`` (``"csrc"``, ``"cupy"``) on a CUDA
+    ``device``, created on first use with :class:`TorchCudaOps` and ``make_solvers()``.
+
+    One cache for every backend, so each (device, backend) keeps one set of
+    workspaces and one record of failures; ``.check()`` reports pending failures.
+    """
     import torch
 
     device = torch.device(device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device not in cache:
-        cache[device] = EighDriver(TorchCudaOps(device), make_solvers())
-    return cache[device]
+    key = (device, backend)
+    if key not in _drivers:
+        _drivers[key] = EighDriver(TorchCudaOps(device), make_solvers())
+    return _drivers[key]

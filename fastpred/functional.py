@@ -235,11 +235,14 @@ def directpred_weight(
         corr: symmetric ``(..., d, d)``.
         eps, power, eps_mode, min_eig: see :func:`eig_map`.
         backend: see :mod:`fastpred.backends`.
-        solver: ``"eigh"`` (default: a full eigendecomposition), ``"newton_schulz"``
-            (power 0.5 only; matmuls only) or ``"warm"`` (refines the previous
-            basis, full eigh when F moved too far); see :mod:`fastpred.solvers`.
-        solver_state: the state those two keep between calls, from
-            :func:`fastpred.solvers.init_state`, updated in place.
+        solver: ``"eigh"`` (default: a full eigendecomposition; for power 1 in
+            relative mode with ``eps >= min_eig``, the exact closed form
+            ``F / s_max + eps I`` instead, see :func:`fastpred.solvers.directcopy_weight`),
+            ``"newton_schulz"`` (power 0.5 only; matmuls only) or ``"warm"`` (refines
+            the previous basis, full eigh when F moved too far); see :mod:`fastpred.solvers`.
+        solver_state: the state the solver keeps between calls, from
+            :func:`fastpred.solvers.init_state`, updated in place (for ``"eigh"``:
+            the closed form's warm start, optional).
 
     Returns:
         float32 ``(..., d, d)``.
@@ -258,6 +261,9 @@ def directpred_weight(
             eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig,
         )
         return weight
+    if solvers.closed_form_applies(power=power, eps=eps, eps_mode=eps_mode, min_eig=min_eig):
+        # DirectCopy: W = F / s_max + eps I exactly; no eigendecomposition (DESIGN.md section 5).
+        return solvers.directcopy_weight(corr, solver_state, eps=eps, backend=backend)
     s, u = symmetric_eigh(corr, backend=backend)
     impl = backends.resolve(backend, corr.device)
     return impl.rebuild(s, u, eps, power, eps_mode, min_eig)

@@ -285,6 +285,17 @@ def test_cpu_kernels_use_lapack_directly():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastpred::{op}", "CPU"), op
 
 
-def test_supports():
-    assert csrc.supports(torch.device("cpu"))
-    assert csrc.supports(torch.device("cuda")) == (_C.built_with_cuda() and torch.cuda.is_available())
+def test_runs_on_cpu_and_refuses_cuda_without_a_gpu():
+    """Behaviour, not a restatement of supports(): the CPU backend resolves and computes;
+    the extension's account of its CUDA build matches its operator registrations; on a
+    machine without a GPU, asking for it on CUDA is refused with a message saying so."""
+    from fastpred import backends
+
+    impl = backends._resolve("csrc", torch.device("cpu"))
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(impl.corr_ema_(torch.zeros(3, 3), x, 1.0), x.T @ x / 5)
+    has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("fastpred::corr_ema_", "CUDA")
+    assert _C.built_with_cuda() == has_cuda_kernels
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="does not run on device cuda"):
+            backends._resolve("csrc", torch.device("cuda"))

@@ -5,15 +5,17 @@ preset, then dotted ``key=value`` overrides from the command line, e.g.
 ``optim.lr=0.05 predictor.name=linear predictor.freq=5``. An unknown key is an error naming it.
 
 The ``predictor.*`` keys are ``name`` (directpred | linear | mlp | none), ``mlp_hidden``,
-``symmetric`` and, taken from the signature of :class:`fastpred.DirectPredictor` so that new
-options appear here without editing this file, every keyword argument of that class
-(``rho``, ``eps``, ``freq``, ...).
+``symmetric`` and every keyword argument of :class:`fastpred.DirectPredictor` (``rho``, ``eps``,
+``freq``, ...), with that class's defaults.
+
+Every numeric key has an accepted range (``RANGES``), checked by :func:`validate` when the
+configuration is built, before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +24,6 @@ from typing import Any
 
 import yaml
 
-import fastpred
 
 class ConfigError(ValueError):
     """A user mistake in the configuration or the data location, reported without a traceback."""
@@ -38,6 +39,8 @@ class DataConfig:
     root: str = ""  # dataset folder (unused by digits, which ships with scikit-learn)
     image_size: int = 8  # side of the training crops and of the evaluation centre crop
     workers: int = 0  # DataLoader worker processes per rank
+    download: bool = False  # cifar10 / stl10: torchvision downloads what data.root lacks (needs a network)
+    eval_root: str = ""  # imagefolder: a labelled ImageFolder (train/, val/) for kNN, probe and linear_eval
 
 
 @dataclass
@@ -70,36 +73,34 @@ class ModelConfig:
     channels_last: bool = False
 
 
-def _predictor_fields() -> list[tuple[str, Any, Any]]:
-    """The trainer's own predictor keys, then every keyword of ``fastpred.DirectPredictor``."""
-    own = [
-        ("name", str, field(default="directpred")),  # directpred | linear | mlp | none
-        ("mlp_hidden", int, field(default=512)),  # hidden width of BYOL's 2-layer predictor (mlp)
-        ("symmetric", bool, field(default=False)),  # linear: use (W + W^T) / 2
-    ]
-    taken = {name for name, _, _ in own}
-    hints = typing.get_type_hints(fastpred.DirectPredictor.__init__)
-    out = list(own)
-    for p in inspect.signature(fastpred.DirectPredictor).parameters.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue  # `dim` comes from the projector
-        if p.default is inspect.Parameter.empty:
-            raise TypeError(f"DirectPredictor keyword {p.name!r} has no default; the trainer needs one")
-        if p.name in taken:
-            raise TypeError(f"DirectPredictor keyword {p.name!r} clashes with a trainer predictor key")
-        typ = hints.get(p.name, type(p.default))
-        out.append((p.name, typ, field(default=p.default)))
-    return out
+@dataclass
+class PredictorConfig:
+    """``predictor.name`` and its options; below the first three, the keywords of
+    :class:`fastpred.DirectPredictor` with its defaults (see its docstring for their meaning)."""
+
+    name: str = "directpred"  # directpred | linear | mlp | none
+    mlp_hidden: int = 512  # hidden width of BYOL's 2-layer predictor (mlp)
+    symmetric: bool = False  # linear: use (W + W^T) / 2
+    rho: float = 0.3  # EMA rate of F (Eq. 19)
+    eps: float = 0.1  # added to the normalised eigenvalues (Eq. 18)
+    freq: int = 1  # W_p set from F every freq steps, SGD on W_p in between
+    power: float = 0.5
+    eps_mode: str = "relative"
+    zero_mean: bool = False
+    min_eig: float = 1e-4
+    sync: bool = True
+    backend: str = "auto"
+    partitions: int = 0
+    async_rebuild: bool = False
+    solver: str = "eigh"
 
 
-PredictorConfig = dataclasses.make_dataclass("PredictorConfig", _predictor_fields())
-PredictorConfig.__doc__ = "predictor.name etc. plus every fastpred.DirectPredictor keyword (see module docstring)."
+TRAINER_PREDICTOR_KEYS = ("name", "mlp_hidden", "symmetric")  # the rest go to fastpred.DirectPredictor
 
 
-def directpred_kwargs(cfg) -> dict[str, Any]:
+def directpred_kwargs(cfg: PredictorConfig) -> dict[str, Any]:
     """The ``predictor.*`` values that are keywords of ``fastpred.DirectPredictor``."""
-    params = inspect.signature(fastpred.DirectPredictor).parameters
-    return {k: getattr(cfg, k) for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in TRAINER_PREDICTOR_KEYS}
 
 
 @dataclass
@@ -155,11 +156,75 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    predictor: PredictorConfig = field(default_factory=PredictorConfig)  # type: ignore[valid-type]
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
+
+
+# ----------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of a numeric key: finite numbers from ``lo`` to ``hi``, where an end
+    marked open is excluded. A key holding several numbers (``aug.blur_p``) checks each."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return math.isfinite(v) and above and below
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, lo_open=True)
+PROBABILITY = Range(0, 1)
+BELOW_1 = Range(0, 1, hi_open=True)
+
+RANGES: dict[str, Range] = {
+    "epochs": AT_LEAST_1, "seed": NON_NEGATIVE, "batch_size": AT_LEAST_1, "log_every": AT_LEAST_1,
+    "data.image_size": AT_LEAST_1, "data.workers": NON_NEGATIVE,
+    "aug.crop_scale": Range(0, 1, lo_open=True), "aug.flip": PROBABILITY, "aug.jitter": NON_NEGATIVE,
+    "aug.jitter_p": PROBABILITY, "aug.gray_p": PROBABILITY, "aug.blur_p": PROBABILITY,
+    "aug.blur_kernel": POSITIVE, "aug.solarize_p": PROBABILITY,
+    "model.proj_hidden": AT_LEAST_1, "model.proj_dim": AT_LEAST_1, "model.ema_tau": PROBABILITY,
+    "predictor.mlp_hidden": AT_LEAST_1, "predictor.rho": BELOW_1, "predictor.eps": NON_NEGATIVE,
+    "predictor.freq": AT_LEAST_1, "predictor.power": POSITIVE, "predictor.min_eig": NON_NEGATIVE,
+    "predictor.partitions": NON_NEGATIVE,
+    "optim.lr": POSITIVE, "optim.lr_batch": NON_NEGATIVE, "optim.momentum": BELOW_1,
+    "optim.weight_decay": NON_NEGATIVE, "optim.lars_eta": POSITIVE, "optim.warmup_epochs": NON_NEGATIVE,
+    "monitor.knn_every": AT_LEAST_1, "monitor.knn_k": AT_LEAST_1, "monitor.knn_t": POSITIVE,
+    "monitor.knn_max_train": NON_NEGATIVE, "monitor.probe_lr": POSITIVE, "monitor.collapse_erank": NON_NEGATIVE,
+    "eval.epochs": AT_LEAST_1, "eval.batch_size": AT_LEAST_1, "eval.lr_grid": POSITIVE,
+    "eval.val_fraction": BELOW_1, "eval.weight_decay": NON_NEGATIVE,
+    "ckpt.every_steps": NON_NEGATIVE, "ckpt.keep": AT_LEAST_1,
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check every key of ``RANGES`` (types were checked when the values were set).
+
+    Raises:
+        ValueError: naming the first key out of range, its value and the accepted range.
+    """
+    values = _flatten(to_dict(cfg))
+    for key, accepted in RANGES.items():
+        value = values[key]
+        if not all(v in accepted for v in (value if isinstance(value, list) else [value])):
+            each = "each value " if isinstance(value, list) else ""
+            raise ValueError(f"{key}={value!r} is out of range: {each}must be {accepted}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -250,8 +315,7 @@ def preset_path(name_or_path: str) -> Path:
         return p
     p = PRESET_DIR / f"{name_or_path}.yaml"
     if not p.is_file():
-        names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"--config {name_or_path!r}: not a YAML file nor a preset ({', '.join(names)})")
+        raise FileNotFoundError(f"--config {name_or_path!r}: not a YAML file nor a preset ({', '.join(presets())})")
     return p
 
 
@@ -275,7 +339,8 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     """Defaults, then the preset (name or YAML path; default ``digits``), then ``key=value`` overrides.
 
     Raises:
-        ConfigError: an unknown preset, file or key (named), or a value of the wrong type or shape.
+        ConfigError: an unknown preset, file or key (named), or a value of the wrong type, shape or
+            range.
     """
     try:
         with open(preset_path(preset or DEFAULT_PRESET)) as f:
@@ -286,6 +351,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         for text in overrides:
             key, value = parse_override(text)
             set_key(cfg, key, value)
+        validate(cfg)
     except (ValueError, TypeError, FileNotFoundError, yaml.YAMLError) as e:
         raise ConfigError(str(e)) from e
     return cfg
@@ -310,6 +376,25 @@ def diff(a: Config, b: Config) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-def save_yaml(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+def to_yaml(cfg: Config | dict) -> str:
+    """A configuration (or its :func:`to_dict`) as YAML, in declaration order."""
+    return yaml.safe_dump(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=False)
+
+
+def save_yaml(cfg: Config | dict, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def presets() -> list[str]:
+    """The names of the presets in train/configs/."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def key_summary(cfg: Any = None, indent: str = "  ") -> str:
+    """The configuration keys, one line per section (for ``--help``)."""
+    cfg = cfg if cfg is not None else Config()
+    names = _field_names(cfg)
+    lines = [f"{indent}(top level): " + " ".join(n for n in names if not dataclasses.is_dataclass(getattr(cfg, n)))]
+    for section in _sections(cfg):
+        lines.append(f"{indent}{section}.: " + " ".join(_field_names(getattr(cfg, section))))
+    return "\n".join(lines)

@@ -1,13 +1,20 @@
 """Datasets, the resumable sampler and the loaders.
 
-Built in: scikit-learn's handwritten digits (real 8x8 images, no download). From a local folder,
-never downloaded: CIFAR-10 and STL-10 in torchvision's on-disk format (``cifar-10-batches-py/``,
-``stl10_binary/``), and any ImageFolder tree with ``train/`` and ``val/`` (ImageNet).
+Built in: scikit-learn's handwritten digits (real 8x8 images, no download). From ``data.root``:
+CIFAR-10 and STL-10 in torchvision's on-disk format (``cifar-10-batches-py/``, ``stl10_binary/``;
+with ``data.download=true`` torchvision fetches what is missing), an ImageFolder tree with
+``train/`` and ``val/`` (ImageNet), or a folder with ``train/`` alone: its images, at any depth,
+are pre-trained on without labels, with kNN monitoring and linear evaluation on the labelled
+ImageFolder ``data.eval_root`` when one is given, and only the effective rank otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import pickle
+import socket
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -18,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, tv_tensors
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
-from .config import DataConfig
-from .utils import warn
+from .config import Config, ConfigError, DataConfig
+from .utils import log, warn
 
 # errors PIL and the decoders raise on a truncated or corrupt file (UnidentifiedImageError is an OSError)
 UNREADABLE = (OSError, ValueError, SyntaxError)
@@ -132,6 +140,76 @@ class STL10Folder(Dataset):
         return tv_tensors.Image(torch.from_numpy(img)), self.targets[i]
 
 
+class UnlabeledFolder(Dataset):
+    """Every image file under ``folder``, at any depth, in sorted order, each with label -1."""
+
+    def __init__(self, folder: str | Path):
+        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{folder} holds no image files ({' '.join(IMG_EXTENSIONS)})")
+        self.samples = [(str(p), -1) for p in files]  # ImageFolder's attribute: Views names unreadable files
+        self.targets = [-1] * len(files)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return default_loader(self.samples[i][0]), -1
+
+
+def unlabeled(cfg: DataConfig) -> bool:
+    """An image folder with ``train/`` and no ``val/``: pre-training without labels (no online probe)."""
+    return cfg.name == "imagefolder" and not (Path(cfg.root) / "val").is_dir()
+
+
+def has_labels(cfg: DataConfig) -> bool:
+    """Whether labelled train and test sets exist (for kNN monitoring and linear evaluation)."""
+    return not unlabeled(cfg) or bool(cfg.eval_root)
+
+
+# torchvision's downloaders, each fetching the whole dataset into the root folder given
+DOWNLOADS: dict[str, Callable[[str], Any]] = {
+    "cifar10": lambda root: datasets.CIFAR10(root, train=True, download=True),
+    "stl10": lambda root: datasets.STL10(root, split="train", download=True),
+}
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    """torchvision opens URLs without a timeout: a silent network would hang instead of failing."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def download(cfg: DataConfig, timeout: float = 60.0) -> None:
+    """Let torchvision download ``cfg.name`` into ``data.root``. Processes on one machine (torchrun)
+    take turns on a lock of the folder: the first downloads, the others find the files.
+
+    Raises:
+        ConfigError: the download failed (no network, say), naming the dataset, the folder and why.
+    """
+    root = Path(cfg.root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY)
+    except OSError as e:
+        raise ConfigError(f"data.download=true: cannot use data.root={cfg.root!r} ({e})") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with _socket_timeout(timeout):
+            DOWNLOADS[cfg.name](str(root))
+    except (OSError, RuntimeError) as e:  # URLError and timeouts are OSErrors; a bad checksum a RuntimeError
+        raise ConfigError(f"data.download=true: downloading {cfg.name} into data.root={cfg.root!r} failed ({e}); "
+                          f"without a network, fetch it elsewhere and copy it into data.root "
+                          f"(torchvision's layout: {_required_files(cfg)[0].parent.name}/)") from e
+    finally:
+        os.close(fd)
+
+
 def _required_files(cfg: DataConfig) -> list[Path]:
     root = Path(cfg.root)
     if cfg.name == "cifar10":
@@ -139,23 +217,41 @@ def _required_files(cfg: DataConfig) -> list[Path]:
     if cfg.name == "stl10":
         return [root / "stl10_binary" / f"{n}.bin" for n in ("train_X", "train_y", "test_X", "test_y", "unlabeled_X")]
     if cfg.name == "imagefolder":
-        return [root / "train", root / "val"]
+        labelled = [Path(cfg.eval_root) / "train", Path(cfg.eval_root) / "val"] if cfg.eval_root else []
+        return [root / "train"] + labelled
     return []
 
 
 def check_data(cfg: DataConfig) -> None:
-    """Fail at start, naming ``data.root`` and what is missing."""
+    """Fail at start, naming ``data.root`` and what is missing; download first when asked to.
+
+    Raises:
+        FileNotFoundError: a missing folder or file, named.
+        ConfigError: an impossible combination of data keys, or a failed download.
+    """
     spec(cfg)
+    if cfg.eval_root and not unlabeled(cfg):
+        raise ConfigError(f"data.eval_root is for data.name=imagefolder with an unlabeled data.root (train/ only); "
+                          f"here data.name={cfg.name!r}, data.root={cfg.root!r}")
+    if cfg.download and cfg.name not in DOWNLOADS and cfg.name != "digits":
+        raise ConfigError(f"data.download=true: torchvision cannot download data.name={cfg.name!r} "
+                          f"(downloadable: {', '.join(DOWNLOADS)})")
     if cfg.name == "digits":
         return
     if not cfg.root:
-        raise FileNotFoundError(f"data.name={cfg.name!r} needs data.root=<folder> (nothing is downloaded)")
+        hint = ""
+        if cfg.name in DOWNLOADS:
+            hint = " to download into" if cfg.download else " (or data.download=true where there is a network)"
+        raise FileNotFoundError(f"data.name={cfg.name!r} needs data.root=<folder>{hint}")
+    if cfg.download and any(not p.exists() for p in _required_files(cfg)):
+        download(cfg)
+    hint = "; data.download=true fetches it where there is a network" if cfg.name in DOWNLOADS else ""
     if not Path(cfg.root).is_dir():
-        raise FileNotFoundError(f"data.root={cfg.root!r} does not exist or is not a folder")
+        raise FileNotFoundError(f"data.root={cfg.root!r} does not exist or is not a folder{hint}")
     missing = [str(p) for p in _required_files(cfg) if not p.exists()]
     if missing:
         raise FileNotFoundError(f"data.root={cfg.root!r} lacks {', '.join(missing)} "
-                                f"(expected torchvision's on-disk layout for {cfg.name})")
+                                f"(expected torchvision's on-disk layout for {cfg.name}{hint})")
 
 
 def raw_dataset(cfg: DataConfig, split: str) -> Dataset:
@@ -167,7 +263,13 @@ def raw_dataset(cfg: DataConfig, split: str) -> Dataset:
         return CIFAR10Folder(cfg.root, "test" if split == "test" else "train")
     if cfg.name == "stl10":
         return STL10Folder(cfg.root, {"pretrain": "train+unlabeled"}.get(split, split))
-    folder = Path(cfg.root) / ("val" if split == "test" else "train")
+    if split == "pretrain" and unlabeled(cfg):
+        return UnlabeledFolder(Path(cfg.root) / "train")
+    if not has_labels(cfg):
+        raise FileNotFoundError(f"data.root={cfg.root!r} has train/ only (unlabeled images): the {split} split needs "
+                                "labels; set data.eval_root=<ImageFolder with train/ and val/>")
+    base = Path(cfg.eval_root) if unlabeled(cfg) else Path(cfg.root)
+    folder = base / ("val" if split == "test" else "train")
     try:
         return datasets.ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
@@ -178,6 +280,27 @@ def num_classes(cfg: DataConfig, ds: Dataset) -> int:
     if cfg.name == "imagefolder":
         return len(ds.classes)
     return SPECS[cfg.name].num_classes
+
+
+def monitor_datasets(cfg: Config) -> tuple[Dataset, Dataset | None, int]:
+    """(kNN memory bank, test set, number of classes) for monitoring during pre-training.
+
+    The bank is the labelled train set, or a fixed random subset of ``monitor.knn_max_train``
+    images of it (drawn from ``seed``). An unlabeled folder without ``data.eval_root`` has no test
+    set (None, 0 classes): its bank, drawn from the pre-training images, serves the effective rank only.
+    """
+    if has_labels(cfg.data):
+        bank, test = raw_dataset(cfg.data, "train"), raw_dataset(cfg.data, "test")
+        n_classes = num_classes(cfg.data, bank)
+    else:
+        bank, test, n_classes = raw_dataset(cfg.data, "pretrain"), None, 0
+        log(f"data.root={cfg.data.root!r} has train/ only: pre-training on {len(bank)} unlabeled images; "
+            "kNN and probe monitoring off (data.eval_root=<labelled ImageFolder> turns kNN on)")
+    if 0 < cfg.monitor.knn_max_train < len(bank):
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = torch.randperm(len(bank), generator=g)[: cfg.monitor.knn_max_train].tolist()
+        bank = torch.utils.data.Subset(bank, keep)
+    return bank, test, n_classes
 
 
 # ----------------------------------------------------------------------------- views

@@ -23,16 +23,18 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from . import checkpoint, data, monitor
 from .augment import eval_transform, linear_train_transform
-from .config import Config, ConfigError, EvalConfig, from_dict, parse_override, set_key
+from .config import Config, ConfigError, EvalConfig, from_dict, parse_override, set_key, validate
 from .model import build_model
 from .utils import DistInfo, MetricsLog, cleanup_distributed, init_distributed, log
 
@@ -47,17 +49,18 @@ def topk(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
 
 
 def train_head(batches, dim: int, num_classes: int, lr: float, ev: EvalConfig, steps_per_epoch: int,
-               device: torch.device, distributed: bool) -> nn.Module:
+               device: torch.device, distributed: bool, desc: str | None = None) -> nn.Module:
     """SGD (momentum 0.9, cosine per step) on a BatchNorm(affine=False) + Linear head.
 
-    ``batches(epoch)`` yields (features, labels) for one epoch."""
+    ``batches(epoch)`` yields (features, labels) for one epoch. ``desc``: show a progress bar over epochs."""
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)).to(device)
     model = DDP(head) if distributed else head
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=ev.weight_decay)
     total = ev.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     head.train()
-    for epoch in range(ev.epochs):
+    for epoch in tqdm(range(ev.epochs), desc=desc, disable=desc is None, leave=False, mininterval=1.0,
+                      dynamic_ncols=True):
         for f, y in batches(epoch):
             loss = F.cross_entropy(model(f), y)
             opt.zero_grad(set_to_none=True)
@@ -101,34 +104,46 @@ class Evaluator:
         return data.loader(v, local, cfg.data.workers, sampler, drop_last=seed is not None,
                            pin_memory=self.info.device.type == "cuda"), v
 
-    def features(self, backbone, ds) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, backbone, ds, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         ld, _ = self._loader(ds, self.eval_tf)
-        return monitor.extract_features(backbone, ld, self.info.device)
+        return monitor.extract_features(backbone, ld, self.info.device, desc=desc if self.info.is_main else None)
 
-    def run(self, backbone: nn.Module) -> dict:
-        """Choose lr on the held-out split (if several), retrain on all of train, test once."""
+    def run(self, backbone: nn.Module, name: str = "learned") -> dict:
+        """Choose lr on the held-out split (if several), retrain on all of train, test once.
+        Each stage is logged (``name``: which backbone), with progress bars on rank 0."""
         cfg, ev, dev = self.cfg, self.cfg.eval, self.info.device
         backbone.eval().requires_grad_(False)
-        train_f, train_y = self.features(backbone, self.train)
-        test_f, test_y = self.features(backbone, self.test)
+        t0 = time.perf_counter()
+        train_f, train_y = self.features(backbone, self.train, f"{name}: train features")
+        test_f, test_y = self.features(backbone, self.test, f"{name}: test features")
+        log(f"{name}: features of {len(self.train)} train and {len(self.test)} test images "
+            f"({train_f.shape[1]}-d, {time.perf_counter() - t0:.1f}s)")
         dim = train_f.shape[1]
         scores = {}
         if len(ev.lr_grid) > 1:
-            for lr in ev.lr_grid:
-                head = self._fit(backbone, train_f, train_y, self.fit_idx, lr, dim)
+            for i, lr in enumerate(ev.lr_grid):
+                t0 = time.perf_counter()
+                head = self._fit(backbone, train_f, train_y, self.fit_idx, lr, dim, f"{name}: lr {lr:g}")
                 with torch.no_grad():
                     scores[lr] = topk(head(train_f[self.val_idx.to(dev)]), train_y[self.val_idx.to(dev)], (1,))["top1"]
+                log(f"{name}: lr {lr:g} ({i + 1}/{len(ev.lr_grid)}): held-out top-1 {scores[lr]:.2f}% "
+                    f"({ev.epochs} epochs on {len(self.fit_idx)} images, {time.perf_counter() - t0:.1f}s)")
             best = max(ev.lr_grid, key=lambda lr: scores[lr])  # ties: the first (smallest listed) wins
         else:
             best = ev.lr_grid[0]
-        head = self._fit(backbone, train_f, train_y, torch.arange(len(self.train)), best, dim)
+        t0 = time.perf_counter()
+        head = self._fit(backbone, train_f, train_y, torch.arange(len(self.train)), best, dim,
+                         f"{name}: final fit, lr {best:g}")
+        log(f"{name}: final fit with lr {best:g} on all {len(self.train)} train images "
+            f"({time.perf_counter() - t0:.1f}s)")
         with torch.no_grad():
             res = topk(head(test_f), test_y)
         res.update(lr=best, val_top1={str(k): v for k, v in scores.items()})
         return res
 
-    def _fit(self, backbone, train_f, train_y, idx: torch.Tensor, lr: float, dim: int) -> nn.Module:
+    def _fit(self, backbone, train_f, train_y, idx: torch.Tensor, lr: float, dim: int, desc: str) -> nn.Module:
         ev, dev, info = self.cfg.eval, self.info.device, self.info
+        desc = desc if info.is_main else None
         if not ev.augment:  # cached centre-crop features, every rank trains the same head
             f, y = train_f[idx.to(dev)], train_y[idx.to(dev)]
             bs = min(ev.batch_size, len(f))
@@ -141,7 +156,7 @@ class Evaluator:
                     j = perm[s * bs:(s + 1) * bs]
                     yield f[j], y[j]
 
-            return train_head(batches, dim, self.num_classes, lr, ev, steps, dev, distributed=False)
+            return train_head(batches, dim, self.num_classes, lr, ev, steps, dev, distributed=False, desc=desc)
         sub = torch.utils.data.Subset(self.train, idx.tolist())
         local = ev.batch_size // info.world_size
         sampler = data.ResumableSampler(sub, local, info.world_size, info.rank, self.cfg.seed)
@@ -155,7 +170,7 @@ class Evaluator:
                 yield f, y.to(dev)
 
         return train_head(batches, dim, self.num_classes, lr, ev, sampler.batches_per_epoch(), dev,
-                          distributed=info.distributed)
+                          distributed=info.distributed, desc=desc)
 
 
 def load_backbone(cfg: Config, state: dict | None, channels: int, device: torch.device) -> nn.Module:
@@ -171,12 +186,16 @@ def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool
     """Evaluate the backbone of ``ckpt`` (and optionally the random-init one). Returns the results
     and writes ``linear_eval.json`` (and a ``"final": true`` line in metrics.jsonl) into ``out``
     (default: the checkpoint's folder)."""
-    state = checkpoint.load(ckpt)
+    state = checkpoint.load(ckpt, required=("config", "model", "step"))
     try:
         cfg = from_dict(state["config"])
         for text in overrides:
             set_key(cfg, *parse_override(text))
+        validate(cfg)
         data.check_data(cfg.data)
+        if not data.has_labels(cfg.data):
+            raise ValueError(f"linear evaluation needs labels, and data.root={cfg.data.root!r} has train/ only: "
+                             "add data.eval_root=<ImageFolder with train/ and val/>")
         if cfg.eval.batch_size % int(os.environ.get("WORLD_SIZE", "1")):
             raise ValueError(f"eval.batch_size={cfg.eval.batch_size} is not divisible by the number of processes")
         if not cfg.eval.lr_grid:
@@ -188,9 +207,9 @@ def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool
         ev = Evaluator(cfg, info)
         channels = data.spec(cfg.data).channels
         results = {"checkpoint": str(ckpt), "step": state["step"]}
-        results["learned"] = ev.run(load_backbone(cfg, state["model"], channels, info.device))
+        results["learned"] = ev.run(load_backbone(cfg, state["model"], channels, info.device), "learned")
         if random_init_baseline:
-            results["random_init"] = ev.run(load_backbone(cfg, None, channels, info.device))
+            results["random_init"] = ev.run(load_backbone(cfg, None, channels, info.device), "random init")
         report(results)
         out_dir = Path(out) if out is not None else Path(ckpt).parent
         if info.is_main:

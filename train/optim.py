@@ -53,7 +53,7 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def is_excluded(name: str, p: nn.Parameter) -> bool:
+def is_excluded(p: nn.Parameter) -> bool:
     """Biases and normalisation weights: every parameter with fewer than 2 dimensions."""
     return p.ndim < 2
 
@@ -62,10 +62,10 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_bn: bool) -
     """Trainable parameters in two groups: regular, and (when ``exclude_bias_bn``) biases + BN
     with ``weight_decay=0`` and ``lars=False`` (BYOL's exclusions)."""
     regular, excluded = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        (excluded if exclude_bias_bn and is_excluded(name, p) else regular).append(p)
+        (excluded if exclude_bias_bn and is_excluded(p) else regular).append(p)
     groups = [{"params": regular, "weight_decay": weight_decay, "lars": True}]
     if excluded:
         groups.append({"params": excluded, "weight_decay": 0.0, "lars": False})

@@ -18,20 +18,17 @@ differences of a millisecond, which this column resolves.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import time
 
 import torch
 
-import fastpred
-
 from . import data
 from .config import load_config, set_key
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
-from .pretrain import amp_dtype, train_step
+from .pretrain import Learner, amp_dtype, train_step
 
 VARIANTS = {  # name -> predictor overrides
     "directpred": {"name": "directpred", "freq": 1},
@@ -42,12 +39,6 @@ VARIANTS = {  # name -> predictor overrides
     "mlp": {"name": "mlp"},
     "none": {"name": "none"},
 }
-
-
-def available(name: str) -> bool:
-    """A variant whose DirectPredictor keywords this fastpred version has."""
-    params = inspect.signature(fastpred.DirectPredictor).parameters
-    return all(k in params for k in VARIANTS[name] if k not in ("name",))
 
 
 def build(preset: str, overrides: list[str], variant: str, batch: int, device: torch.device):
@@ -65,8 +56,7 @@ def build(preset: str, overrides: list[str], variant: str, batch: int, device: t
 
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    names = [n for n in args.variants if available(n)]
-    skipped = [n for n in args.variants if n not in names]
+    names = list(args.variants)
     cfg = load_config(args.config, args.overrides)
     spec, size = data.spec(cfg.data), cfg.data.image_size
     batch = args.batch_size or cfg.batch_size
@@ -79,12 +69,13 @@ def main(args: argparse.Namespace) -> dict:
 
     def run_steps(n: str, k: int) -> float:
         model, opt, sched, scaler, dtype = runs[n]
+        learner = Learner(bare=model, model=model, optimizer=opt, scheduler=sched, scaler=scaler, dtype=dtype)
         model.train()
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for v1, v2 in batches[:k]:
-            train_step(model, model, opt, sched, scaler, v1, v2, 0.99, dtype)
+            train_step(learner, v1, v2, None, 0.99)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / k
@@ -116,7 +107,7 @@ def main(args: argparse.Namespace) -> dict:
     base = statistics.median(times["linear"]) if "linear" in times else None
     result = {"config": args.config, "batch_size": batch, "image_size": size, "device": str(device),
               "threads": torch.get_num_threads(), "steps_per_round": args.steps, "rounds": args.rounds,
-              "variants": {}, "unavailable": skipped}
+              "variants": {}}
     print(f"step time, {args.config} (batch {batch}, {size}x{size}, {device}, {torch.get_num_threads()} threads), "
           f"median of {args.rounds} interleaved rounds x {args.steps} steps")
     print(f"  {'predictor':<24}{'ms/step':>10}{'min':>10}{'vs linear':>12}{'predictor fwd+bwd ms':>22}")
@@ -128,8 +119,6 @@ def main(args: argparse.Namespace) -> dict:
         result["variants"][n] = {"median_ms": med, "min_ms": lo, "rounds_ms": [t * 1e3 for t in times[n]],
                                  "overhead_vs_linear": (med / (base * 1e3) - 1) if base else None,
                                  "predictor_median_ms": pmed, "predictor_rounds_ms": [t * 1e3 for t in pred_times[n]]}
-    if skipped:
-        print(f"  not in this fastpred version: {', '.join(skipped)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -45,7 +45,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         raise ValueError(f"device={device!r}: expected auto, cpu or cuda")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available")
+        raise ValueError("device=cuda: no CUDA device is available (use device=auto or device=cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -90,8 +90,11 @@ def warn(msg: str) -> None:
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per line) and, when tensorboard is installed, its events.
 
-    Only rank 0 writes. ``keep_lines`` truncates the file on resume to the lines that existed when
-    the checkpoint was taken, so an interrupted-and-resumed run has the same log as an uninterrupted one.
+    Only rank 0 writes, and only by appending, except once at start: the training records after
+    the first ``keep_lines`` (those written after the checkpoint being resumed, which the resumed
+    run writes again) are dropped, so an interrupted-and-resumed run has the same log as an
+    uninterrupted one. Records of other tools (a ``"linear_eval"`` key) are never dropped; that
+    one rewrite goes through a temp file and a rename.
     """
 
     def __init__(self, out_dir: Path, enabled: bool, keep_lines: int = 0, purge_step: int | None = None):
@@ -101,9 +104,14 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        old = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-        with open(self.path, "w") as f:
-            f.writelines(old[:keep_lines])
+        if self.path.exists():
+            old = self.path.read_text().splitlines(keepends=True)
+            later = [line for line in old[keep_lines:] if _kept_on_resume(line)]
+            if len(later) < len(old) - keep_lines:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(old[:keep_lines] + later))
+                os.replace(tmp, self.path)
+            self.lines = keep_lines + len(later)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
@@ -125,6 +133,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _kept_on_resume(line: str) -> bool:
+    """A metrics line another tool wrote (linear evaluation), or one that is not JSON: never ours to drop."""
+    try:
+        return "linear_eval" in json.loads(line)
+    except ValueError:
+        return True
 
 
 # ----------------------------------------------------------------------------- RNG

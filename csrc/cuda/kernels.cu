@@ -7,6 +7,7 @@
 // max is reduced on the device.
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "../eig_map.h"
@@ -135,18 +136,32 @@ __global__ void eig_map_kernel(const T* __restrict__ s, T* __restrict__ f, int64
   }
 }
 
+// CUDA caps gridDim.z (the batch axis of the triangle kernels) at 65535: larger
+// stacks are launched in chunks of at most that many matrices.
+constexpr int64_t kMaxGridZ = 65535;
+
 dim3 tile_grid(int64_t d, int64_t batch) {
   const auto tiles = static_cast<unsigned>((d + kTile - 1) / kTile);
   return dim3(tiles, tiles, static_cast<unsigned>(batch));
+}
+
+// Calls launch(first, count) for consecutive chunks of the batch, each <= kMaxGridZ.
+template <typename Launch>
+void for_batch_chunks(int64_t batch, Launch launch) {
+  for (int64_t first = 0; first < batch; first += kMaxGridZ) {
+    launch(first, std::min(kMaxGridZ, batch - first));
+  }
 }
 
 }  // namespace
 
 void blend(float* corr, const float* g, int64_t d, int64_t batch, float n, bool full, const float* w_dev,
            float w_host, cudaStream_t stream) {
-  blend_kernel<float><<<tile_grid(d, batch), dim3(kTile, kTileRows), 0, stream>>>(corr, g, d, n, full, w_dev,
-                                                                                  w_host);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for_batch_chunks(batch, [&](int64_t first, int64_t count) {
+    blend_kernel<float><<<tile_grid(d, count), dim3(kTile, kTileRows), 0, stream>>>(
+        corr + first * d * d, g + first * d * d, d, n, full, w_dev, w_host);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void lerp_vector(float* mean, const float* batch_mean, int64_t count, const float* w_dev, float w_host,
@@ -167,8 +182,10 @@ void eig_map(const T* s, T* f, int64_t d, int64_t batch, double eps, double powe
 
 template <typename T>
 void mirror_upper(T* m, int64_t d, int64_t batch, cudaStream_t stream) {
-  mirror_upper_kernel<T><<<tile_grid(d, batch), dim3(kTile, kTileRows), 0, stream>>>(m, d);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for_batch_chunks(batch, [&](int64_t first, int64_t count) {
+    mirror_upper_kernel<T><<<tile_grid(d, count), dim3(kTile, kTileRows), 0, stream>>>(m + first * d * d, d);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 template void eig_map<float>(const float*, float*, int64_t, int64_t, double, double, bool, double, bool,

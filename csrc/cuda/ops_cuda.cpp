@@ -45,26 +45,9 @@ void syrk(const Tensor& a, int64_t n, int64_t k, const Tensor& c, double alpha) 
 }
 
 void corr_ema_cuda(const Tensor& corr, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& mean) {
-  constexpr const char* op = "fastpred::corr_ema_";
-  TORCH_CHECK(corr.dim() >= 2 && corr.size(-1) == corr.size(-2), op, ": corr must be (..., d, d), got ",
-              corr.sizes());
-  TORCH_CHECK(corr.scalar_type() == at::kFloat, op, ": corr must be float32, got ", corr.scalar_type());
-  TORCH_CHECK(x.dim() == corr.dim() && x.size(-1) == corr.size(-1) &&
-                  x.sizes().slice(0, x.dim() - 2) == corr.sizes().slice(0, corr.dim() - 2),
-              op, ": x must be (..., N, d) with corr's leading shape, got x ", x.sizes(), " and corr ",
-              corr.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(x.device() == corr.device(), op, ": x is on ", x.device(), ", corr on ", corr.device());
-  TORCH_CHECK(x.size(-2) > 0, op, ": x has no rows (N = 0)");
-  TORCH_CHECK(weight.dim() == 0, op, ": weight must be a 0-dim tensor, got shape ", weight.sizes());
-  TORCH_CHECK(weight.is_cpu() || weight.device() == corr.device(), op, ": weight must be on ", corr.device(),
-              " or the CPU, got ", weight.device());
-  if (mean.has_value()) {  // checked before anything is written
-    TORCH_CHECK(mean->sizes() == corr.sizes().slice(0, corr.dim() - 1) && mean->is_contiguous() &&
-                    mean->scalar_type() == at::kFloat && mean->device() == corr.device(),
-                op, ": mean must be a contiguous float32 tensor of shape ", corr.sizes().slice(0, corr.dim() - 1),
-                " on ", corr.device(), ", got ", mean->scalar_type(), " ", mean->sizes(), " on ", mean->device());
-  }
+  check_corr_ema_args(corr, x, weight, mean);  // before anything is written
+  // The mean kernel writes through a raw pointer.
+  TORCH_CHECK(!mean.has_value() || mean->is_contiguous(), "fastpred::corr_ema_: on CUDA, mean must be contiguous");
   c10::cuda::CUDAGuard guard(corr.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t d = corr.size(-1), n = x.size(-2);

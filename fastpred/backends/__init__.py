@@ -3,12 +3,16 @@
 A backend is a named set of four functions with the signatures of
 :mod:`fastpred.backends.reference` (``corr_ema_``, ``gram``, ``eigh``, ``rebuild``).
 A backend module may leave a step to the reference by not defining it, and may
-define ``supports(device) -> bool``. Backends are imported lazily, the first time
+define ``supports(device) -> bool`` and, for ``"auto"``, ``prefers(step, *args) ->
+bool`` (per call: itself, or the reference). Backends are imported lazily, the first time
 they are asked for, so ``import fastpred`` never pulls in Triton, CuPy or the
 compiled extension.
 
-``"auto"`` picks, per device, the fastest implementation measured for each step
-(``bench/``); ``"torch"`` is the reference itself.
+``"auto"`` picks an implementation per device and step (see :func:`_auto_choice`):
+on CPU the one measured fastest here (``bench/``); on CUDA, where nothing has been
+measured yet, the one faster by construction (cuBLAS for fp32 products at IEEE
+precision, Triton's tensor-core kernels where tensor cores apply, cuSOLVER without a
+host sync for the eigendecomposition). ``"torch"`` is the reference itself.
 """
 from __future__ import annotations
 
@@ -84,18 +88,26 @@ def _available(name: str, device: torch.device) -> bool:
 def _auto_choice(device: torch.device) -> dict[str, str]:
     """Which backend computes each step under ``backend="auto"`` on ``device``.
 
-    CPU: the compiled extension (lower-triangle GEMM panels, LAPACK ``syevd`` with a
-    cached workspace), measured faster than the reference for every step but the
-    plain ``gram``; the reference where it is not built. CUDA: the Triton kernels for
-    the statistics and the rebuild, and cuSOLVER without host syncs for the
-    eigendecomposition (through CuPy, else the extension's binding), each where
-    installed, else the next choice and finally the reference.
+    CPU (measured, ``bench/report.md``): the compiled extension (lower-triangle GEMM
+    panels, LAPACK ``syevd`` with a cached workspace), faster than the reference for
+    every step but the plain ``gram``; the reference where it is not built.
+
+    CUDA (not measured on a GPU yet; the choice rests on how each implementation
+    computes): the eigendecomposition by cuSOLVER without a host sync per call
+    (through CuPy, else the extension's binding), else torch's, which syncs. For
+    the statistics and the rebuild, products of fp32 tensors at the default
+    ("highest") matmul precision are plain fp32 FMA work, where cuBLAS (the
+    reference's ``addmm``/``matmul``) is at least as fast as a Triton FMA kernel:
+    the reference. Where tensor cores apply (fp16/bf16 features, or fp32 with TF32
+    allowed), the Triton kernels, which compute one triangle (half the products)
+    and fuse the EMA, the map and the mirror; that is decided per call by
+    :func:`fastpred.backends.triton.prefers`.
     """
     def first(*names: str) -> str:
         return next((n for n in names if n == "torch" or _available(n, device)), "torch")
 
     if device.type == "cuda":
-        kernels = first("triton", "csrc", "torch")
+        kernels = first("triton", "torch")
         return {"gram": kernels, "corr_ema_": kernels, "eigh": first("cupy", "csrc", "torch"), "rebuild": kernels}
     fast = first("csrc", "torch")
     return {"gram": "torch", "corr_ema_": fast, "eigh": fast, "rebuild": fast}
@@ -129,9 +141,21 @@ def _resolve(backend: str, device: torch.device) -> Backend:
     for step, name in choice.items():
         module = _load(name, device)
         steps[step] = getattr(module, step, getattr(reference, step))
+        if backend == "auto" and step != "eigh" and hasattr(module, "prefers"):
+            steps[step] = _when_preferred(module.prefers, step, steps[step], getattr(reference, step))
         if backend == "auto" and name != "torch" and step != "eigh":
             steps[step] = _falling_back(steps[step], getattr(reference, step), f"{name}.{step}")
     return Backend(name=backend, **steps)
+
+
+def _when_preferred(prefers: Callable, step: str, fast: Callable, ref: Callable) -> Callable:
+    """Under ``auto``: per call, ``fast`` where the backend ``prefers(step, *args)`` it
+    to the reference, else the reference (see :func:`_auto_choice`)."""
+
+    def run(*args, **kwargs):
+        return (fast if prefers(step, *args) else ref)(*args, **kwargs)
+
+    return run
 
 
 def _falling_back(fast: Callable, ref: Callable, label: str) -> Callable:

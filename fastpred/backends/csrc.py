@@ -81,12 +81,9 @@ def _corr_ema_fake(corr, x, weight, mean=None):
 
 
 # ---------------------------------------------------------------------- eigh
-_drivers: dict[torch.device, EighDriver] = {}
-
-
 def eigh_driver(device: torch.device | str) -> EighDriver:
     """The GPU eigensolver driver of ``device`` (its ``check()`` reports pending failures)."""
-    return device_driver(_drivers, device, cuda_solvers)
+    return device_driver(device, "csrc", cuda_solvers)
 
 
 def cuda_solvers() -> list[Solver]:
@@ -103,8 +100,8 @@ def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of the lower triangle of ``corr``.
 
     CPU: LAPACK syevd; raises ``torch.linalg.LinAlgError`` if it does not converge.
-    CUDA: cuSOLVER via :func:`eigh_driver`; a failure is reported lazily, by an
-    :class:`~fastpred.eigh_driver.EighFailure` from a later call.
+    CUDA: cuSOLVER via :func:`eigh_driver`; a matrix cuSOLVER failed on gets NaN
+    eigenvalues (set on the device), and a later call warns about it.
     """
     if corr.device.type == "cuda":
         return eigh_driver(corr.device).eigh(corr)

@@ -7,7 +7,9 @@ does differently from ``torch.linalg.eigh`` and ``cupy.linalg.eigh``:
 * a single matrix goes to cuSOLVER's divide-and-conquer ``Xsyevd`` through
   ``cupy_backends.cuda.libs.cusolver`` (not ``cupy.linalg.eigh``, which queries and
   allocates workspaces and copies its input on every call); the workspaces are
-  cached by :mod:`fastpred.eigh_driver`, per (n, dtype, stream);
+  cached by :mod:`fastpred.eigh_driver`, per (solver, n, batch, dtype, stream), the
+  stream being torch's current one (a workspace in use on one stream is never
+  handed to a call on another);
 * a stack goes to the batched divide-and-conquer ``XsyevBatched`` (cuSOLVER >=
   11.7.1), which CuPy does not wrap: the binding is csrc's ``syevd_batched_`` op.
   Without it (an older library, or ``fastpred._C`` not built with CUDA): CuPy's
@@ -17,9 +19,9 @@ does differently from ``torch.linalg.eigh`` and ``cupy.linalg.eigh``:
 
 Zero copy, torch's stream: the cuSOLVER routines receive the device pointers of
 torch tensors (allocated by torch's caching allocator), so no array changes hands
-and no DLPack capsule is built per call; every call runs inside a CuPy
-``ExternalStream`` wrapping torch's current stream (CuPy's bindings bind the
-handle to CuPy's current stream). :func:`as_cupy` / :func:`as_torch` convert through
+and no DLPack capsule is built per call; every call runs inside a CuPy stream
+wrapping torch's current stream (``cupy.cuda.Stream.from_external``; CuPy's bindings
+bind the handle to CuPy's current stream). :func:`as_cupy` / :func:`as_torch` convert through
 DLPack for callers that want CuPy arrays.
 """
 from __future__ import annotations
@@ -83,14 +85,33 @@ class _Context:
         self._streams: dict[int, object] = {}
 
     def stream(self):
-        """A CuPy ExternalStream of torch's current stream, to enter with ``with``."""
+        """A CuPy stream wrapping torch's current stream, to enter with ``with``."""
         ptr = torch.cuda.current_stream(self.index).cuda_stream
         stream = self._streams.get(ptr)
         if stream is None:
             if len(self._streams) > 32:
                 self._streams.clear()
-            stream = self._streams[ptr] = cupy.cuda.ExternalStream(ptr, self.index)
+            stream = self._streams[ptr] = _external_stream(ptr, self.index)
         return stream
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle under the CUDA stream protocol (``__cuda_stream__``)."""
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.ptr  # (protocol version, cudaStream_t)
+
+
+def _external_stream(ptr: int, index: int):
+    """``cupy.cuda.Stream.from_external`` (CuPy >= 14), else the older ``ExternalStream``
+    (deprecated in CuPy 14)."""
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        with cupy.cuda.Device(index):
+            return cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+    return cupy.cuda.ExternalStream(ptr, index)
 
 
 _local = threading.local()
@@ -178,19 +199,16 @@ def cuda_solvers() -> list[Solver]:
 
 
 # ---------------------------------------------------------------------- eigh
-_drivers: dict[torch.device, EighDriver] = {}
-
-
 def eigh_driver(device: torch.device | str) -> EighDriver:
     """The driver of ``device``; ``eigh_driver(d).check()`` waits and reports pending failures."""
-    return device_driver(_drivers, device, cuda_solvers)
+    return device_driver(device, "cupy", cuda_solvers)
 
 
 def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors (columns) of the lower triangle of ``corr`` (..., n, n).
 
-    Enqueued on torch's current stream; nothing waits for the GPU. A cuSOLVER
-    failure is raised as :class:`~fastpred.eigh_driver.EighFailure` by a later call.
+    Enqueued on torch's current stream; nothing waits for the GPU. A matrix cuSOLVER
+    failed on gets NaN eigenvalues (set on the device), and a later call warns about it.
     """
     if corr.device.type != "cuda":
         raise RuntimeError(f"backend 'cupy' runs on CUDA tensors, got a tensor on {corr.device}")

@@ -17,15 +17,15 @@ import os
 import torch
 from torch import Tensor
 
-from ..kernels import triton_corr, triton_rebuild  # noqa: F401  (registers the fastpred::triton_* ops)
+from ..kernels import triton_common, triton_corr, triton_rebuild  # noqa: F401  (registers the fastpred::triton_* ops)
 
-__all__ = ["supports", "corr_ema_", "gram", "rebuild"]
+__all__ = ["supports", "prefers", "corr_ema_", "gram", "rebuild"]
 
 
 def _interpreting() -> bool:
     # The variable must have been set before the kernels were defined (at import):
     # only then are they interpreted functions that accept CPU tensors.
-    return os.environ.get("TRITON_INTERPRET") == "1" and triton_corr.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET") == "1" and triton_common.INTERPRETED
 
 
 def supports(device: torch.device | str) -> bool:
@@ -34,6 +34,22 @@ def supports(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and _interpreting()
+
+
+def prefers(step: str, *args) -> bool:
+    """Under ``backend="auto"``: whether a step's call is faster here than in cuBLAS,
+    by construction (no GPU measurement yet): where tensor cores apply, i.e. 16-bit
+    features for ``gram``/``corr_ema_`` (native fp16/bf16 dot), or any fp32 product
+    when TF32 is allowed (``torch.set_float32_matmul_precision("high")`` or
+    ``torch.backends.cuda.matmul.allow_tf32 = True``). At the default fp32 precision
+    both sides do plain FMA work and cuBLAS is the safer bet.
+    """
+    if torch.get_float32_matmul_precision() != "highest":
+        return True
+    if step in ("gram", "corr_ema_"):
+        x = args[0] if step == "gram" else args[1]
+        return x.dtype in (torch.float16, torch.bfloat16)
+    return False
 
 
 def corr_ema_(corr: Tensor, x: Tensor, weight: float | Tensor, mean: Tensor | None = None) -> Tensor:

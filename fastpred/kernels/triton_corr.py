@@ -13,12 +13,16 @@ How the kernel works:
   half (diagonal included) and the mirror of its strict lower half, so no element
   is written by two programs or twice by one.
 - Only the lower triangle of the old F is read (like ``torch.linalg.eigh``).
-- Tiles of X are loaded in their own dtype (fp32, fp16 or bf16) and converted to
-  fp32 before ``tl.dot``, which accumulates in fp32. For 16-bit X the conversion
-  is exact and so is TF32 (10 mantissa bits hold fp16's and bf16's), so TF32
-  tensor cores give the products exactly; for fp32 X the precision follows
+- Tiles of X are loaded in their own dtype (fp32, fp16 or bf16) and ``tl.dot``
+  accumulates in fp32. 16-bit tiles go to the tensor cores' native fp16/bf16 dot
+  (products of 16-bit numbers are exact in fp32, so this equals the reference's
+  upcast-then-multiply up to summation order); for fp32 X the precision follows
   ``torch.get_float32_matmul_precision()`` like the reference's matmul
-  (``"highest"``, the default, means IEEE fp32).
+  (``"highest"``, the default, means IEEE fp32 FMA, no tensor cores: the reason
+  ``backend="auto"`` leaves fp32 statistics to cuBLAS at that setting). Under the
+  interpreter (tests on CPU) 16-bit tiles are widened to fp32 first, which is exact.
+- Offsets along X are int64: a transposed X has ``stride_xd = N``, and
+  ``d * N`` may exceed 2^31.
 - ``w == 1`` (the first update) never loads the old F or mean: they are
   overwritten, NaN included. ``w`` is a float argument or read on the device from
   a 0-dim tensor (no host sync).
@@ -30,125 +34,31 @@ How the kernel works:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
-from triton.runtime.interpreter import InterpretedFunction
+from torch.library import wrap_triton
 
-# ---------------------------------------------------------------------------
-# Launch configurations
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """One launch configuration: a square output tile and the reduction block.
-
-    Every size is a power of two >= 16 so that ``tl.dot`` compiles on GPUs (the
-    interpreter would accept smaller blocks; a GPU does not).
-    """
-
-    block_d: int  # output tile is block_d x block_d
-    block_k: int  # reduction chunk (rows of X, or eigenpairs for the rebuild)
-    num_warps: int
-    num_stages: int
-
-    def __post_init__(self) -> None:
-        for name in ("block_d", "block_k"):
-            value = getattr(self, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
-
-
-# A few fixed configurations, chosen by the matrix size (not autotuned: autotuning
-# would re-run an in-place kernel, and is very slow under the interpreter).
-# Shared memory per stage of the fp32 pipeline: 2 * block_d * block_k * 4 bytes
-# (16 KiB for 64x32, 32 KiB for 128x32), well under sm_80/sm_90 limits.
-# TODO(gpu): tune on a GPU with bench/bench_triton.py.
-CONFIGS = {
-    "small": TileConfig(block_d=32, block_k=32, num_warps=4, num_stages=2),
-    "medium": TileConfig(block_d=64, block_k=32, num_warps=4, num_stages=3),
-    "large": TileConfig(block_d=128, block_k=32, num_warps=8, num_stages=3),
-}
-
-
-def pick_config(d: int) -> TileConfig:
-    """The launch configuration for ``d x d`` outputs."""
-    if d <= 32:
-        return CONFIGS["small"]
-    if d <= 512:
-        return CONFIGS["medium"]
-    return CONFIGS["large"]
-
-
-def lower_tiles(d: int, block_d: int) -> int:
-    """Number of tiles in the lower triangle (diagonal included) of a ``d x d`` grid."""
-    t = triton.cdiv(d, block_d)
-    return t * (t + 1) // 2
-
-
-# CUDA caps grid axis 1 (the batch axis here) at 65535 programs.
-MAX_BATCH = 65535
-
-
-def check_batch(batch: int) -> None:
-    """Raise ValueError when the flattened batch does not fit the launch grid."""
-    if batch > MAX_BATCH:
-        raise ValueError(f"at most {MAX_BATCH} matrices per launch (grid axis 1), got a batch of {batch}")
-
-
-def fp32_input_precision() -> str:
-    """``tl.dot`` precision for fp32 operands, following torch's matmul setting."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
+from .triton_common import (
+    INTERPRETED,
+    MAX_DIM,
+    TileConfig,
+    batched_view,
+    check_batch,
+    define_op,
+    fp32_input_precision,
+    launch_device,
+    lower_tile_coords,
+    lower_tiles,
+    pick_config,
+    store_mirrored,
+)
 
 # ---------------------------------------------------------------------------
 # Kernel
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def lower_tile_coords(tile):
-    """Map a linear index over the lower triangle of the tile grid to ``(bi, bj)``, ``bj <= bi``.
-
-    Row-major: tiles 0, 1, 2, 3, ... are (0,0), (1,0), (1,1), (2,0), ...
-    ``bi`` is the largest integer with ``bi (bi + 1) / 2 <= tile``; the float
-    square root is corrected by one step either way, so it is exact.
-    """
-    bi = ((tl.sqrt((8 * tile + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int32)
-    bi = tl.where(bi * (bi + 1) // 2 > tile, bi - 1, bi)
-    bi = tl.where((bi + 1) * (bi + 2) // 2 <= tile, bi + 1, bi)
-    bj = tile - bi * (bi + 1) // 2
-    return bi, bj
-
-
-@triton.jit
-def store_mirrored(out_ptr, rows, cols, value, d, stride_r, stride_c):
-    """Store a lower-triangle tile and its mirror image; each element written once.
-
-    ``value[i, j]`` goes to ``(rows[i], cols[j])`` where ``rows[i] >= cols[j]`` and to
-    ``(cols[j], rows[i])`` where ``rows[i] > cols[j]``: a diagonal tile writes its
-    lower half and the transpose of its strict lower half, an off-diagonal tile
-    writes itself and its transpose.
-    """
-    in_range = (rows[:, None] < d) & (cols[None, :] < d)
-    tl.store(
-        out_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c,
-        value,
-        mask=in_range & (rows[:, None] >= cols[None, :]),
-    )
-    tl.store(
-        out_ptr + rows[:, None] * stride_c + cols[None, :] * stride_r,
-        value,
-        mask=in_range & (rows[:, None] > cols[None, :]),
-    )
 
 
 @triton.jit
@@ -179,12 +89,16 @@ def corr_ema_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,  # False under the interpreter only
 ):
     bi, bj = lower_tile_coords(tl.program_id(0))
     batch = tl.program_id(1).to(tl.int64)
 
     rows = bi * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) feature indices of the tile rows
     cols = bj * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) feature indices of the tile columns
+    # Offsets into X in int64: rows * stride_xd reaches d * N for a transposed X.
+    x_rows = rows.to(tl.int64) * stride_xd
+    x_cols = cols.to(tl.int64) * stride_xd
     ks = tl.arange(0, BLOCK_K)
     # Samples k0 .. k0 + BLOCK_K of this matrix; advancing the pointer keeps every
     # offset below BLOCK_K * stride (int32) however large N * d is.
@@ -196,19 +110,22 @@ def corr_ema_kernel(
         k_ok = k0 + ks < n_rows
         # (BLOCK_D, BLOCK_K): X[k, rows]^T, loaded transposed through the strides
         a = tl.load(
-            x_chunk + rows[:, None] * stride_xd + ks[None, :] * stride_xn,
+            x_chunk + x_rows[:, None] + ks[None, :] * stride_xn,
             mask=(rows[:, None] < d) & k_ok[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         # (BLOCK_K, BLOCK_D): X[k, cols]
         b = tl.load(
-            x_chunk + ks[:, None] * stride_xn + cols[None, :] * stride_xd,
+            x_chunk + ks[:, None] * stride_xn + x_cols[None, :],
             mask=k_ok[:, None] & (cols[None, :] < d),
             other=0.0,
-        ).to(tl.float32)
+        )
+        if not NATIVE_DOT:  # the interpreter multiplies bf16 wrongly: widen (exactly) first
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        # In X's dtype: native fp16/bf16 tensor-core dot, fp32 accumulation.
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         if HAS_MEAN:
-            col_sum += tl.sum(a, axis=1)
+            col_sum += tl.sum(a.to(tl.float32), axis=1)
         x_chunk += BLOCK_K * stride_xn
 
     if WEIGHT_FROM_PTR:
@@ -242,8 +159,6 @@ def corr_ema_kernel(
 # ---------------------------------------------------------------------------
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Offsets inside one d x d matrix are int32 (batch offsets are int64).
-MAX_DIM = 46340  # floor(sqrt(2**31 - 1))
 
 
 def _check_inputs(corr: Tensor, x: Tensor, weight_tensor: Tensor | None, mean: Tensor | None) -> None:
@@ -315,79 +230,45 @@ def corr_ema_launch(
     mean2, mean_is_view = (None, True) if mean is None else batched_view(mean, (batch, d))
     w_t = None if weight_tensor is None else weight_tensor.to(torch.float32)
 
-    precision = fp32_input_precision() if x.dtype == torch.float32 else "tf32"
+    # input_precision only matters for fp32 operands (16-bit ones use their native dot).
+    precision = fp32_input_precision() if x.dtype == torch.float32 else "ieee"
     grid = (lower_tiles(d, config.block_d), batch)
-    wrap_triton(corr_ema_kernel)[grid](
-        corr3,
-        x3,
-        mean2,
-        w_t,
-        n,
-        d,
-        corr3.stride(0),
-        corr3.stride(1),
-        corr3.stride(2),
-        x3.stride(0),
-        x3.stride(1),
-        x3.stride(2),
-        0 if mean2 is None else mean2.stride(0),
-        0 if mean2 is None else mean2.stride(1),
-        float(weight),
-        scale,
-        HAS_MEAN=mean2 is not None,
-        WEIGHT_FROM_PTR=w_t is not None,
-        BLOCK_D=config.block_d,
-        BLOCK_K=config.block_k,
-        INPUT_PRECISION=precision,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    with launch_device(corr):
+        wrap_triton(corr_ema_kernel)[grid](
+            corr3,
+            x3,
+            mean2,
+            w_t,
+            n,
+            d,
+            corr3.stride(0),
+            corr3.stride(1),
+            corr3.stride(2),
+            x3.stride(0),
+            x3.stride(1),
+            x3.stride(2),
+            0 if mean2 is None else mean2.stride(0),
+            0 if mean2 is None else mean2.stride(1),
+            float(weight),
+            scale,
+            HAS_MEAN=mean2 is not None,
+            WEIGHT_FROM_PTR=w_t is not None,
+            BLOCK_D=config.block_d,
+            BLOCK_K=config.block_k,
+            INPUT_PRECISION=precision,
+            NATIVE_DOT=not INTERPRETED,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     if not corr_is_view:
         corr.copy_(corr3.view(corr.shape))
     if not mean_is_view:
         mean.copy_(mean2.view(mean.shape))
 
 
-def batched_view(t: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, bool]:
-    """``t`` viewed as ``shape`` (batch dimensions merged), or a copy when no view exists.
-
-    In-place outputs must be views of the caller's storage; when the batch
-    dimensions do not merge into one stride, the caller computes into the copy and
-    writes it back (the second item says which case this is).
-    """
-    try:
-        return t.view(shape), True
-    except RuntimeError:
-        return t.reshape(shape).clone(), False
-
-
 # ---------------------------------------------------------------------------
 # PyTorch operators (compose with torch.compile)
 # ---------------------------------------------------------------------------
-
-# True when TRITON_INTERPRET=1 was set before this module was imported: the
-# kernels then run on CPU tensors through Triton's NumPy interpreter.
-INTERPRETED = isinstance(corr_ema_kernel, InterpretedFunction)
-
-
-def define_op(name: str, mutates_args, fake: Callable):
-    """Register ``fn`` as the operator ``name``: a ``triton_op`` on real GPUs.
-
-    ``torch.library.triton_op`` lets ``torch.compile`` trace into the kernels
-    (``fn`` is its own fake kernel: ``wrap_triton`` records the launch). Under the
-    interpreter ``wrap_triton`` hands back the interpreted kernel, which would run on
-    FakeTensors, so there the operator is an opaque ``custom_op`` with ``fake`` as
-    its fake kernel instead: same schema, same eager behaviour.
-    """
-
-    def decorate(fn: Callable) -> Callable:
-        if not INTERPRETED:
-            return triton_op(name, fn, mutates_args=mutates_args)
-        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        op.register_fake(fake)
-        return op
-
-    return decorate
 
 
 def _corr_ema_fake(corr: Tensor, x: Tensor, weight_tensor: Tensor | None, weight: float, mean: Tensor | None) -> None:

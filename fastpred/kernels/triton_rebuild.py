@@ -16,7 +16,7 @@ How the kernel works:
   ``power`` 1 and 1/2 are exact (identity, IEEE square root); other powers use
   ``exp2(power * log2(.))``. The division is IEEE (``div_rn``), like torch's.
 - W is symmetric: only lower-triangle tiles are computed and each is stored
-  with its mirror image (see :func:`fastpred.kernels.triton_corr.store_mirrored`),
+  with its mirror image (see :func:`fastpred.kernels.triton_common.store_mirrored`),
   so ``W == W^T`` bitwise. ``sum_k U[i,k] p_k U[j,k]`` needs no sign assumption
   on p (``min_eig < 0`` or ``eps < 0`` are allowed).
 - ``tl.dot`` accumulates in fp32 with the precision of
@@ -34,12 +34,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .triton_corr import (
+from .triton_common import (
     MAX_DIM,
     TileConfig,
     check_batch,
     define_op,
     fp32_input_precision,
+    launch_device,
     lower_tile_coords,
     lower_tiles,
     pick_config,
@@ -55,7 +56,9 @@ def eig_map(s, s_max, eps, power, min_eig, RELATIVE: tl.constexpr, POWER_KIND: t
 
     POWER_KIND: 1 for power 1, 2 for power 1/2, 0 for any other power.
     """
-    s = tl.maximum(s, 0.0)
+    # NaN propagates (as in the reference): a failed eigendecomposition's NaN
+    # eigenvalues must give a NaN W, which the caller's finiteness check rejects.
+    s = tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if RELATIVE:
         base = tl.div_rn(s, tl.where(s_max > 0.0, s_max, 1.0))
     else:
@@ -69,7 +72,7 @@ def eig_map(s, s_max, eps, power, min_eig, RELATIVE: tl.constexpr, POWER_KIND: t
         positive = base > 0.0
         powered = tl.where(positive, tl.exp2(power * tl.log2(tl.where(positive, base, 1.0))), 0.0)
     if RELATIVE:
-        p = tl.maximum(powered + eps, min_eig)
+        p = tl.maximum(powered + eps, min_eig, propagate_nan=tl.PropagateNan.ALL)
     else:
         p = powered + eps * s_max
     return p
@@ -199,30 +202,31 @@ def rebuild_launch(
     u3 = u.reshape(batch, d, d)  # strides kept when it is a view (eigh's U is column-major)
     w3 = w.view(batch, d, d)
     grid = (lower_tiles(d, config.block_d), batch)
-    wrap_triton(rebuild_kernel)[grid](
-        s2,
-        u3,
-        w3,
-        d,
-        s2.stride(0),
-        s2.stride(1),
-        u3.stride(0),
-        u3.stride(1),
-        u3.stride(2),
-        w3.stride(0),
-        w3.stride(1),
-        w3.stride(2),
-        float(eps),
-        float(power),
-        float(min_eig),
-        RELATIVE=eps_mode == "relative",
-        POWER_KIND=_power_kind(power),
-        BLOCK_D=config.block_d,
-        BLOCK_K=config.block_k,
-        INPUT_PRECISION=fp32_input_precision(),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    with launch_device(u):
+        wrap_triton(rebuild_kernel)[grid](
+            s2,
+            u3,
+            w3,
+            d,
+            s2.stride(0),
+            s2.stride(1),
+            u3.stride(0),
+            u3.stride(1),
+            u3.stride(2),
+            w3.stride(0),
+            w3.stride(1),
+            w3.stride(2),
+            float(eps),
+            float(power),
+            float(min_eig),
+            RELATIVE=eps_mode == "relative",
+            POWER_KIND=_power_kind(power),
+            BLOCK_D=config.block_d,
+            BLOCK_K=config.block_k,
+            INPUT_PRECISION=fp32_input_precision(),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     return w
 
 

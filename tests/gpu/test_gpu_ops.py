@@ -121,3 +121,47 @@ def test_torch_compile_cuda(csrc):
     want = update(c1, x, w)
     got = torch.compile(update, fullgraph=True)(c2, x, w)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_beyond_grid_z_limit(csrc):
+    """More than 65535 matrices: the triangle kernels launch in chunks of gridDim.z."""
+    from fastpred.backends import reference
+
+    batch, d, n = 70_000, 2, 3
+    x = features(n, d, (batch,))
+    corr, expected = torch.zeros(batch, d, d, device="cuda"), torch.zeros(batch, d, d, device="cuda")
+    csrc.corr_ema_(corr, x, 1.0)
+    reference.corr_ema_(expected, x, 1.0)
+    torch.testing.assert_close(corr, expected, rtol=1e-5, atol=1e-5)
+    s, u = torch.linalg.eigh(expected)
+    torch.testing.assert_close(csrc.rebuild(s, u, 0.1, 0.5, "relative", 1e-4),
+                               reference.rebuild(s, u, 0.1, 0.5, "relative", 1e-4), rtol=1e-4, atol=1e-5)
+
+
+def test_triton_offsets_beyond_int32_for_a_transposed_x():
+    """x stored column-major (stride_xd = N) with d * N > 2**31: int64 offsets along X."""
+    from fastpred.backends import reference
+    from fastpred.backends import triton as tb
+
+    d, n = 1024, 2**21 + 16  # d * n > 2**31; 4 GiB in bf16
+    storage = torch.randn(d, n, device="cuda", dtype=torch.bfloat16)
+    x = storage.T  # (n, d), stride (1, n)
+    corr, expected = torch.zeros(d, d, device="cuda"), torch.zeros(d, d, device="cuda")
+    tb.corr_ema_(corr, x, 1.0)
+    reference.corr_ema_(expected, x, 1.0)
+    torch.testing.assert_close(corr, expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_triton_launches_on_the_tensors_device():
+    from fastpred.backends import reference
+    from fastpred.backends import triton as tb
+
+    x = torch.randn(64, 40, device="cuda:1")
+    corr, expected = torch.zeros(40, 40, device="cuda:1"), torch.zeros(40, 40, device="cuda:1")
+    with torch.cuda.device(0):
+        tb.corr_ema_(corr, x, 1.0)
+        w = tb.rebuild(*torch.linalg.eigh(corr), 0.1, 0.5, "relative", 1e-4)
+    reference.corr_ema_(expected, x, 1.0)
+    torch.testing.assert_close(corr, expected, rtol=1e-5, atol=1e-5)
+    assert w.device == torch.device("cuda:1") and torch.isfinite(w).all()

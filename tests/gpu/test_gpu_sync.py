@@ -133,3 +133,56 @@ def test_one_predictor_step_is_captured_in_a_cuda_graph(backend):
     torch.testing.assert_close(pred.corr, eager.corr, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pred.weight, eager.weight, rtol=1e-4, atol=1e-5)
     eigh_driver_of(backend).check()  # the captured solve's info, read after the replay
+
+
+def _correlation(seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, DIM, device="cuda", generator=g) + 0.2
+    return x.T @ x / N
+
+
+@pytest.mark.parametrize("backend", sync_free_backends())
+def test_directcopy_closed_form_makes_no_host_sync_and_matches_float64_eigh(backend):
+    """power 1: W = F / s_max + eps I from the warm-started Krylov solve, no eigh of F."""
+    from fastpred import functional as F
+    from fastpred import solvers
+
+    require_gpu_eigensolver(backend)
+    corr = _correlation()
+    top = solvers.init_state("eigh", corr)
+    F.directpred_weight(corr, power=1.0, backend=backend, solver_state=top)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(3):
+            corr = 0.99 * corr + 0.01 * _correlation(k + 1)
+            w = F.directpred_weight(corr, power=1.0, backend=backend, solver_state=top)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    s, u = torch.linalg.eigh(corr.double())
+    exact = (u * (s / s[-1] + 0.1)) @ u.mT
+    assert (w.double() - exact).abs().max().item() < 1e-4
+
+
+def test_warm_solver_makes_no_host_sync_at_steady_state():
+    """The refresh decision of the warm solver travels through pinned memory, one call late."""
+    from fastpred import functional as F
+    from fastpred import solvers
+
+    require_gpu_eigensolver("auto")
+    corr = _correlation()
+    state = solvers.init_state("warm", corr)
+    F.directpred_weight(corr, solver="warm", solver_state=state)  # full eigh (no basis yet)
+    corr = 0.999 * corr + 0.001 * _correlation(1)
+    F.directpred_weight(corr, solver="warm", solver_state=state)  # refines, leaves its flag in flight
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(3):
+            corr = 0.999 * corr + 0.001 * _correlation(k + 2)
+            w, refreshed = solvers.warm_eigh_weight(
+                corr, state, lambda c: F.symmetric_eigh(c), eps=0.1, power=0.5, eps_mode="relative", min_eig=1e-4)
+            assert not refreshed
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(w).all()

@@ -11,8 +11,8 @@ pytest.importorskip("triton")
 from fastpred import functional  # noqa: E402
 from fastpred.backends import reference, resolve  # noqa: E402
 from fastpred.backends import triton as tb  # noqa: E402
-from fastpred.kernels import triton_corr  # noqa: E402
-from fastpred.kernels.triton_corr import TileConfig  # noqa: E402
+from fastpred.kernels import triton_common  # noqa: E402
+from fastpred.kernels.triton_common import TileConfig  # noqa: E402
 from fastpred.kernels.triton_rebuild import rebuild_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,7 +22,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)  # IEEE fp32 tl.dot (interpreter; GPU at "highe
 @pytest.fixture(autouse=True)
 def gpu_dot_sizes(monkeypatch):
     """Make the interpreter reject tl.dot blocks smaller than 16, as GPUs do."""
-    if not triton_corr.INTERPRETED:
+    if not triton_common.INTERPRETED:
         return
     from triton.runtime.interpreter import interpreter_builder
 
@@ -201,3 +201,17 @@ def test_gpu_large_batched(precision, tol):
     torch.testing.assert_close(w, expected, **tol)
     assert torch.equal(w, w.mT)
     assert torch.equal(w, again)  # deterministic: no races
+
+
+@pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
+def test_nan_eigenvalue_gives_nan_weight_like_the_reference(eps_mode):
+    """A failed GPU eigendecomposition leaves NaN eigenvalues (fastpred.eigh_driver):
+    W must come out non-finite so that a finiteness check rejects it."""
+    d = 40
+    s, u = torch.linalg.eigh(torch.eye(d) + 0.01 * torch.ones(d, d))
+    s[3] = float("nan")
+    args = (0.1, 0.5, eps_mode, 1e-4)
+    expected = reference.rebuild(s, u, *args)
+    w = rebuild_launch(s.to(DEVICE), u.to(DEVICE), *args)
+    assert not torch.isfinite(expected).all()
+    assert torch.equal(torch.isnan(w).cpu(), torch.isnan(expected))

@@ -1,5 +1,3 @@
-import inspect
-
 import pytest
 
 import fastpred
@@ -25,17 +23,26 @@ def test_digits_yaml_equals_dataclass_defaults():
     assert load_config(None) == Config()
 
 
-def test_every_directpredictor_keyword_is_a_predictor_key():
-    params = inspect.signature(fastpred.DirectPredictor).parameters
-    keywords = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    cfg = Config()
-    for k, default in keywords.items():
-        assert getattr(cfg.predictor, k) == default
-    assert config.directpred_kwargs(cfg.predictor) == keywords
-    # a value set from the command line reaches the module
-    cfg = load_config(None, ["predictor.freq=5", "predictor.rho=0.5"])
-    assert config.directpred_kwargs(cfg.predictor)["freq"] == 5
-    assert config.directpred_kwargs(cfg.predictor)["rho"] == 0.5
+def test_directpred_keys_build_the_same_module_as_the_library_defaults():
+    # the trainer's defaults make the module fastpred.DirectPredictor makes with its own defaults
+    kwargs = config.directpred_kwargs(Config().predictor)
+    ours, theirs = fastpred.DirectPredictor(8, **kwargs), fastpred.DirectPredictor(8)
+    for k in kwargs:
+        assert getattr(ours, k) == getattr(theirs, k), k
+
+
+# a value other than the default for every DirectPredictor key of PredictorConfig
+NON_DEFAULT = {"rho": 0.5, "eps": 0.2, "freq": 5, "power": 1.0, "eps_mode": "absolute", "zero_mean": True,
+               "min_eig": 1e-3, "sync": False, "backend": "torch", "partitions": 2, "async_rebuild": True,
+               "solver": "newton_schulz"}
+
+
+def test_every_directpred_key_reaches_the_module():
+    assert set(config.directpred_kwargs(Config().predictor)) == set(NON_DEFAULT)  # a new key needs a value here
+    for key, value in NON_DEFAULT.items():  # one at a time (newton_schulz needs the default power 0.5)
+        cfg = load_config(None, [f"predictor.{key}={value}"])
+        module = fastpred.DirectPredictor(8, **config.directpred_kwargs(cfg.predictor))
+        assert getattr(module, key) == value, key
 
 
 def test_overrides_are_typed():

@@ -49,6 +49,83 @@ def test_diagnostics_alignment_and_asymmetry(tmp_path):
     assert len(json.loads((tmp_path / "d.json").read_text())["epoch"]) == 3
 
 
+def _titles(fig) -> list[str]:
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def test_diagnostics_figure_after_the_papers_fig2(tmp_path):
+    """A grid with a colour bar; the asymmetry panel only for a W_p that was ever asymmetric."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g)
+    corr = a @ a.t()
+    built = monitor.Diagnostics()  # W_p = U diag(p) U^T, as DirectPred builds it: symmetric
+    s, u = torch.linalg.eigh(corr)
+    for epoch in (1, 2, 3):
+        built.record(epoch, corr, (u * s.clamp_min(0).sqrt()) @ u.t(), erank=5.0)
+    trained = monitor.Diagnostics()  # a gradient-trained W_p: asymmetric
+    for epoch in (1, 2, 3):
+        trained.record(epoch, corr, torch.randn(6, 6, generator=g), erank=5.0)
+    assert not built.asymmetric() and trained.asymmetric()
+    fig = built.figure(2.0, "directpred")
+    assert not any("asymmetry" in t for t in _titles(fig)) and any("symmetric throughout" in t for t in _titles(fig))
+    assert any("eigen-index" in ax.get_ylabel() for ax in fig.axes)  # the colour bar says what colour means
+    align = next(ax for ax in fig.axes if ax.get_title().startswith("alignment"))
+    assert align.get_ylim()[0] <= 0.0 and align.get_ylim()[1] >= 1.0  # a fixed 0-1 scale, not a zoom on noise
+    fig = trained.figure(2.0, "linear")
+    assert any(t.startswith("asymmetry") for t in _titles(fig))
+    built.plot(tmp_path / "d.png", 2.0, "directpred")
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "d.png").size
+    assert 1.3 < width / height < 2.0  # a grid, not a 5.5:1 strip
+
+
+class _Writer:
+    """Records what would go to TensorBoard."""
+
+    def __init__(self):
+        self.scalars, self.histograms = {}, {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[tag] = (value, step)
+
+    def add_histogram(self, tag, values, step):
+        self.histograms[tag] = (torch.as_tensor(values), step)
+
+
+def test_directpred_diagnostics_go_to_tensorboard():
+    import fastpred
+
+    pred = fastpred.DirectPredictor(4)
+    x = torch.randn(16, 4)
+    pred(x)
+    with pytest.warns(RuntimeWarning):
+        pred(torch.full((16, 4), float("nan")))  # skipped: counted in num_skipped
+    d = monitor.Diagnostics()
+    d.record(1, pred.corr, pred.weight.detach(), erank=3.0)
+    writer = _Writer()
+    monitor.write_tensorboard(writer, 42, d, pred)
+    assert writer.scalars["predictor/num_skipped"] == (1, 42)
+    assert writer.scalars["predictor/num_eigh_failures"] == (0, 42)
+    expected = torch.linalg.eigvalsh(pred.corr.double()).clamp_min(1e-12).log10()
+    got = writer.histograms["predictor/corr_eigenvalues_log10"][0]
+    torch.testing.assert_close(got.sort().values, expected.sort().values.to(got.dtype), rtol=1e-5, atol=1e-5)
+    assert {"predictor/wp_eigenvalues", "predictor/alignment"} <= set(writer.histograms)
+    monitor.write_tensorboard(None, 42, d, pred)  # tensorboard not installed: nothing to do
+
+
+def test_tensorboard_events_of_a_run(tmp_path, run_pretrain):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_pretrain(tmp_path, None, "epochs=1", "batch_size=256")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    assert {"predictor/num_skipped", "predictor/num_eigh_failures", "predictor/asymmetry"} <= set(events.Tags()["scalars"])
+    assert "predictor/corr_eigenvalues_log10" in events.Tags()["histograms"]
+    assert [e.step for e in events.Scalars("predictor/num_skipped")] == [5]
+
+
 @pytest.mark.parametrize("name", ["directpred", "linear", "mlp", "none"])
 def test_predictor_choices_forward(name):
     cfg = load_config(None, [f"predictor.name={name}", "predictor.symmetric=true"])

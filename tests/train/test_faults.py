@@ -1,0 +1,358 @@
+"""Fault trials on the trainer, one test per failure the trials found (issue 13, F1-F13): corrupt,
+incomplete and malicious checkpoints, bad values, two trainers on one folder, a re-run after
+linear evaluation, stale temp files, a full disk and a folder that cannot be written."""
+
+import errno
+import fcntl
+import json
+import os
+import resource
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpoint, linear_eval, pretrain
+from train.config import RANGES, Config, ConfigError, _flatten, from_dict, load_config, to_dict
+from train.utils import MetricsLog
+
+REPO = Path(__file__).resolve().parents[2]
+# 1 epoch of 5 steps on digits: checkpoints at step 4 (ckpt.every_steps) and 5 (the epoch's end)
+RUN = ["epochs=1", "batch_size=256", "ckpt.every_steps=4", "ckpt.keep=3", "monitor.knn_max_train=200"]
+CKPT4, CKPT5 = "ckpt_000000004.pt", "ckpt_000000005.pt"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 1-epoch run (never modified: tests work on copies)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("finished") / "run"
+    pretrain.main(load_config(None, RUN), out)
+    torch.set_num_threads(n)
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A copy of a run folder in which last.pt is again a hard link to the newest checkpoint."""
+    shutil.copytree(src, dst)
+    newest = checkpoint.checkpoints(dst)[-1]
+    (dst / "last.pt").unlink()
+    os.link(newest, dst / "last.pt")
+    return dst
+
+
+def _flip(path: Path, n: int = 64) -> None:
+    """Invert ``n`` bytes in the middle of the file (inside tensor data: the zip archive still opens)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    with open(path, "r+b") as f:  # in place: last.pt, a hard link, changes too
+        f.write(data)
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def _cli(argv: list[str]) -> str:
+    """Run ``python -m train.pretrain ARGV`` in this process; return its error line (it must exit 1)."""
+    with pytest.raises(SystemExit) as e:
+        pretrain.cli(argv)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
+    assert "\n" not in e.value.code
+    return e.value.code
+
+
+# ----------------------------------------------------------------------------- F1, F2: checkpoint integrity
+
+
+def _state(v: float) -> dict:
+    return {"w": torch.full((100_000,), v), "step": int(v)}
+
+
+def test_flipped_bytes_are_detected_and_the_previous_checkpoint_used(tmp_path, capsys):
+    for step in (1, 2):
+        checkpoint.save(_state(step), tmp_path, step, keep=3)
+    newest = tmp_path / "ckpt_000000002.pt"
+    _flip(newest)
+    torch.load(newest, weights_only=True)  # the damage is invisible to torch.load itself
+    state, path = checkpoint.load_latest(tmp_path)
+    assert state["step"] == 1 and path.name == "ckpt_000000001.pt"
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "digest" in err  # last.pt is the newest file's hard link
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_resume_from_the_previous(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path / "run")
+    _flip(out / CKPT5)
+    pretrain.main(load_config(None, RUN), out)
+    captured = capsys.readouterr()
+    assert "does not match its digest" in captured.err and "last.pt" in captured.err
+    assert f"resumed from {out / CKPT4}" in captured.out
+    # the fallback resumed exactly: the retrained step 5 equals the intact run's
+    a = checkpoint.load(finished / "last.pt")
+    b = checkpoint.load(out / "last.pt")
+    assert b["step"] == 5
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_loadable_checkpoint_lacking_keys_is_skipped(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path / "run")
+    (out / "last.pt").unlink()
+    torch.save({}, out / CKPT5)  # loads, but is no checkpoint of ours (and has no digest)
+    pretrain.main(load_config(None, RUN), out)
+    captured = capsys.readouterr()
+    assert f"{out / CKPT5} lacks 'config'" in captured.err
+    assert f"resumed from {out / CKPT4}" in captured.out
+    assert checkpoint.load(out / "last.pt")["step"] == 5
+
+
+def test_no_usable_checkpoint_stops_unless_fresh(finished, tmp_path, read_metrics):
+    out = _copy(finished, tmp_path / "run")
+    _flip(out / CKPT4)
+    _flip(out / CKPT5)
+    before = _listing(out)
+    line = _cli(["--out", str(out), *RUN])
+    assert "no usable checkpoint" in line and str(out) in line and "--fresh" in line
+    assert _listing(out) == before  # nothing written, nothing removed
+
+    pretrain.main(load_config(None, RUN), out, fresh=True)  # asked for: starts over, destroys nothing
+    assert _listing(out / "old-1") == before
+    assert checkpoint.load(out / "last.pt")["step"] == 5 and read_metrics(out)[-1]["final"] is True
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    checkpoint.save(_state(1), tmp_path, 1, keep=3)
+    checkpoint.save({"step": 2, "x": Evil()}, tmp_path, 2, keep=3)  # a valid digest: only the content is bad
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt_000000002.pt is refused"):
+        checkpoint.load(tmp_path / "ckpt_000000002.pt")
+    state, path = checkpoint.load_latest(tmp_path)  # and a resume falls back past it
+    assert state["step"] == 1 and "refused" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:'train.linear_eval' found in sys.modules")  # runpy of an imported module
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, None], ids=["empty", "garbage", "truncated"])
+def test_linear_eval_on_a_bad_checkpoint_is_one_error_line(finished, tmp_path, monkeypatch, content):
+    bad = tmp_path / "bad.pt"
+    data = (finished / "last.pt").read_bytes()
+    bad.write_bytes(content if content is not None else data[: len(data) // 2])
+    monkeypatch.setattr(sys, "argv", ["linear_eval", "--ckpt", str(bad)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("train.linear_eval", run_name="__main__")
+    assert str(e.value.code).startswith(f"error: checkpoint {bad}")
+
+
+def test_checkpoint_without_digest_from_an_older_version_loads_with_a_warning(tmp_path, capsys):
+    torch.save(_state(3), tmp_path / "old.pt")
+    assert checkpoint.load(tmp_path / "old.pt")["step"] == 3
+    assert "old.pt has no digest" in capsys.readouterr().err
+
+
+def test_checkpoint_still_loads_with_plain_torch_load(finished):
+    # the digest trailer follows the zip archive: users' torch.load keeps working
+    assert torch.load(finished / "last.pt", weights_only=True)["step"] == 5
+
+
+# ----------------------------------------------------------------------------- F3-F8: bad values
+
+
+@pytest.mark.parametrize("override, accepted", [
+    ("batch_size=0", ">= 1"), ("predictor.eps=.nan", ">= 0"), ("epochs=0", ">= 1"), ("epochs=-1", ">= 1"),
+    ("log_every=0", ">= 1"), ("monitor.knn_k=0", ">= 1"), ("data.image_size=0", ">= 1"),
+])
+def test_bad_value_is_one_line_naming_key_value_and_range(tmp_path, override, accepted):
+    out = tmp_path / "out"
+    line = _cli(["--out", str(out), override])
+    key, value = override.split("=")
+    assert f"{key}={'nan' if value == '.nan' else value}" in line and accepted in line
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    assert "device=cuda" in _cli(["--out", str(out), "device=cuda"])
+    assert not out.exists()
+
+
+def test_every_numeric_key_has_a_range():
+    values = _flatten(to_dict(Config()))
+
+    def numeric(v):
+        items = v if isinstance(v, list) else [v]
+        return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items)
+
+    assert {k for k, v in values.items() if numeric(v)} == set(RANGES)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "aug.blur_p=[0.5, 1.5]", "predictor.rho=1",
+                                      "model.ema_tau=-0.1", "ckpt.keep=0", "eval.lr_grid=[0.1, 0]"])
+def test_more_bad_values_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_print_config_prints_the_resolved_configuration_and_exits(tmp_path, capsys):
+    import yaml
+
+    pretrain.cli(["--config", "cifar10_r18", "--out", str(tmp_path / "o"), "--print-config", "optim.lr=0.2"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert from_dict(printed) == load_config("cifar10_r18", ["optim.lr=0.2"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_lists_presets_and_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain.cli(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in ("digits", "cifar10_r18", "stl10_r18", "imagenet_r50_300ep"))
+    assert "predictor.: name" in text and "knn_k" in text and "--print-config" in text
+
+
+# ----------------------------------------------------------------------------- F11-F13: the run folder
+
+
+def test_second_trainer_on_the_same_folder_is_refused(finished, tmp_path):
+    out = _copy(finished, tmp_path / "run")
+    before = _listing(out)
+    with open(out / ".lock", "a+") as held:  # another trainer holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        line = _cli(["--out", str(out), *RUN, "epochs=2"])
+    assert "in use by another trainer" in line
+    assert _listing(out) == before
+
+
+def test_lock_of_a_killed_trainer_does_not_block(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+                               str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    assert (out / ".lock").exists()
+    pretrain.main(load_config(None, RUN), out)  # the finished run is recognised, not refused
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_linear_eval_record_survives_a_pretrain_rerun(finished, tmp_path, read_metrics):
+    out = _copy(finished, tmp_path / "run")
+    linear_eval.main(out / "last.pt", ["eval.epochs=1", "eval.lr_grid=[0.1]"])
+    assert "linear_eval" in read_metrics(out)[-1]
+    metrics, config_yaml = (out / "metrics.jsonl").read_bytes(), (out / "config.yaml").read_bytes()
+    pretrain.main(load_config(None, RUN), out)  # the same command again
+    pretrain.main(load_config(None, [*RUN, "optim.lr=0.1"]), out)  # and with another value
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+    assert (out / "config.yaml").read_bytes() == config_yaml
+
+
+def test_resume_drops_only_training_records_written_after_the_checkpoint(tmp_path):
+    records = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9},  # covered by the checkpoint
+               {"step": 3, "loss": 0.8},  # after it: the resumed run writes it again
+               {"final": True, "step": 2, "linear_eval": {"top1": 50.0}},  # another tool's: kept
+               {"step": 4, "loss": 0.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    log = MetricsLog(tmp_path, True, keep_lines=2)
+    log.write({"step": 3, "loss": 0.8})
+    kept = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == records[:2] + [records[3], {"step": 3, "loss": 0.8}]
+    assert log.lines == 4
+
+
+def test_resume_with_other_values_keeps_config_yaml(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path / "run")
+    for name in ("last.pt", CKPT5):  # as if stopped at step 4
+        (out / name).unlink()
+    config_yaml = (out / "config.yaml").read_bytes()
+    pretrain.main(load_config(None, [*RUN, "monitor.knn_k=5"]), out)
+    assert "monitor.knn_k" in capsys.readouterr().err
+    assert (out / "config.yaml").read_bytes() == config_yaml  # still the checkpoint's values
+    import yaml
+    assert yaml.safe_load((out / "config_from_step_4.yaml").read_text())["monitor"]["knn_k"] == 5
+
+
+def test_stale_temp_files_are_removed_at_start(finished, tmp_path):
+    out = _copy(finished, tmp_path / "run")
+    stale = [out / ".ckpt_000000009.pt.tmp4242", out / ".last.pt.tmp4242"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1000)
+    pretrain.main(load_config(None, RUN), out)
+    assert not any(p.exists() for p in stale)
+
+
+def test_full_disk_is_one_error_line_and_the_previous_checkpoint_survives(finished, tmp_path, monkeypatch):
+    out = _copy(finished, tmp_path / "run")
+    for name in ("last.pt", CKPT5):  # as if stopped at step 4
+        (out / name).unlink()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    line = _cli(["--out", str(out), *RUN])
+    monkeypatch.undo()
+    assert "cannot write checkpoint" in line and "No space left on device" in line
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".ckpt", ".last", "ckpt", "last"))) == [CKPT4]
+    assert checkpoint.load(out / CKPT4)["step"] == 4  # intact, digest verified
+
+
+def test_file_size_limit_is_one_error_line_from_the_command_line(finished, tmp_path):
+    # a real failing write (EFBIG under RLIMIT_FSIZE: the disk-full path without filling a disk)
+    out = _copy(finished, tmp_path / "run")
+    for name in ("last.pt", CKPT5):
+        (out / name).unlink()
+    limit = (out / CKPT4).stat().st_size // 2  # the small files fit, a checkpoint does not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "train.pretrain", "--out", str(out), *RUN], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "cannot write checkpoint" in errors[0], proc.stderr[-3000:]
+    assert checkpoint.load(out / CKPT4)["step"] == 4
+    assert not [p for p in out.iterdir() if p.name.startswith(".ckpt") or p.name.startswith(".last")]
+
+
+def test_out_that_cannot_be_written_is_one_error_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    line = _cli(["--out", str(blocker / "run"), *RUN])
+    assert "cannot write there" in line and str(blocker / "run") in line
+
+
+def test_read_only_out_is_one_error_line(finished):
+    with tempfile.TemporaryDirectory() as parent:  # outside pytest's 0700 tmp: others may traverse it
+        os.chmod(parent, 0o755)
+        out = _copy(finished, Path(parent) / "run")
+        (out / ".lock").unlink(missing_ok=True)
+        out.chmod(0o555)
+        as_root = os.geteuid() == 0  # root writes into read-only folders: act as nobody meanwhile
+        try:
+            if as_root:
+                os.seteuid(65534)
+            line = _cli(["--out", str(out), *RUN, "epochs=2"])
+        finally:
+            if as_root:
+                os.seteuid(0)
+            out.chmod(0o755)
+    assert "cannot write there (Permission denied)" in line
