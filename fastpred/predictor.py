@@ -159,7 +159,9 @@ class DirectPredictor(nn.Module):
         if partitions:
             self.register_buffer("planes", random_hyperplanes(dim, partitions))
             self.register_buffer("thresholds", torch.zeros(partitions))
-        if solver != "eigh":
+        self._keeps_solver_state = solver != "eigh" or solvers.closed_form_applies(
+            power=power, eps=eps, eps_mode=eps_mode, min_eig=min_eig)  # DirectCopy's warm start
+        if self._keeps_solver_state:
             # What the solver carries from one rebuild to the next; primed at the first one.
             self.register_buffer("solver_state", torch.zeros_like(solvers.init_state(solver, self.corr)))
             self._solver_primed = False
@@ -391,7 +393,7 @@ class DirectPredictor(nn.Module):
 
     def _weight_from(self, corr: Tensor) -> Tensor:
         state = None
-        if self.solver != "eigh":
+        if self._keeps_solver_state:
             if not self._solver_primed:
                 self.solver_state.copy_(solvers.init_state(self.solver, corr))
                 self._solver_primed = True
@@ -508,7 +510,7 @@ def _after_load(module: DirectPredictor, incompatible_keys) -> None:
     module._pending = None
     module._moments.zero_()
     module._rebuild_owed = module._steps >= 1 and (module._steps - 1) % module.freq == 0
-    if module.solver != "eigh":
+    if module._keeps_solver_state:
         module._solver_primed = bool(module.solver_state.abs().amax() > 0)
     if module._attached:
         module._bring_weight_up_to_date()
