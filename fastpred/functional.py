@@ -2,15 +2,21 @@
 and the weight rebuild (Eq. 18).
 
 These are the one implementation of the mathematics in fastpred: the
-:class:`~fastpred.DirectPredictor` module, the trainer and the benchmarks all call
-them. Each takes a ``backend=`` argument resolved by :mod:`fastpred.backends`
-(``"auto"`` = fastest measured on the tensor's device, ``"torch"`` = the plain
-PyTorch reference every other backend is tested against).
+:class:`~fastpred.DirectPredictor` module (every route: one call or many per step,
+one process or DDP, with or without partitions), the trainer and the benchmarks all
+call them, and :mod:`fastpred.backends` is reached only from here. Each takes a
+``backend=`` argument resolved by :mod:`fastpred.backends`: ``"auto"`` picks per
+device and step (on CPU the compiled extension where ``bench/`` measured it faster; on
+CUDA the choice rests on construction, not on a measurement, as none has been made on
+a GPU yet: fused kernels, a cuSOLVER eigensolver without host syncs); ``"torch"`` is
+the plain PyTorch reference every other backend is tested against.
 
 Every function accepts leading batch dimensions: ``x`` ``(..., N, d)``, ``corr``
 ``(..., d, d)``, eigenvalues ``(..., d)``, so several predictors update at once.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -30,10 +36,46 @@ def check_map_args(*, eps: float, power: float, eps_mode: str, min_eig: float) -
     for name, value in (("eps", eps), ("power", power), ("min_eig", min_eig)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a real number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
     if not power > 0:
         raise ValueError(f"power must be > 0, got {power!r}")
     if eps_mode not in EPS_MODES:
         raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+
+
+# |x| above this would overflow x^T x in float32 for any realistic dim: treat as bad data.
+MAX_ABS_FEATURE = 1e17
+
+
+def usable_batch(x: Tensor) -> Tensor:
+    """0-dim bool tensor on x's device: every entry of ``x`` is finite and below
+    :data:`MAX_ABS_FEATURE` in magnitude. Decided on the device (no host sync)."""
+    peak = x.abs().amax() if x.numel() else x.new_zeros(())
+    return torch.isfinite(peak) & (peak < MAX_ABS_FEATURE)
+
+
+def ema_weight(rho: float, *, first: bool | Tensor = False, fold: Tensor | None = None) -> float | Tensor:
+    """The blend weight of Eq. 19: ``1 - rho``, ``1`` where ``first`` (the authors set F to
+    the first batch correlation), ``0`` where ``fold`` is False (skip the batch).
+
+    Plain floats give a float; tensors (bool, any shape that broadcasts) give a float32
+    tensor on their device, so that the decision stays on the device.
+    """
+    if not isinstance(first, Tensor) and fold is None:
+        return 1.0 if first else 1.0 - rho
+    device = (first if isinstance(first, Tensor) else fold).device
+    weight = torch.where(torch.as_tensor(first, device=device), 1.0, 1.0 - rho)
+    if fold is not None:
+        weight = torch.where(fold, weight, 0.0)
+    return weight.float()
+
+
+def ema_(state: Tensor, batch: Tensor, weight: float | Tensor) -> Tensor:
+    """The EMA blend of Eq. 19 in place, ``state <- state + weight (batch - state)``, with a
+    weight from :func:`ema_weight` (1 overwrites, 0 keeps). Used for F, the mean EMA and
+    the partition thresholds alike."""
+    return reference.ema_(state, batch, weight)
 
 
 def corr_ema_(
@@ -41,11 +83,12 @@ def corr_ema_(
     x: Tensor,
     rho: float,
     *,
-    first: bool = False,
+    first: bool | Tensor = False,
+    fold: Tensor | None = None,
     mean: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """Update the running correlation in place (Eq. 19).
+    """Update the running correlation in place (Eq. 19) from one batch, in one fused step.
 
     ``corr <- rho * corr + (1 - rho) * x^T x / N``, or ``corr <- x^T x / N`` when
     ``first`` (the authors' trainer sets F to the first batch correlation rather
@@ -58,16 +101,53 @@ def corr_ema_(
         corr: float32 ``(..., d, d)``, updated in place.
         x: ``(..., N, d)`` float32, bfloat16 or float16; accumulated in float32.
         rho: EMA coefficient in [0, 1).
-        first: overwrite instead of blending.
+        first: overwrite instead of blending; a bool, or a 0-dim bool tensor decided
+            on the device.
+        fold: optional 0-dim bool tensor: where False the batch is skipped (``corr``
+            and ``mean`` unchanged, even if ``x`` holds NaN), without a host sync.
         mean: optional float32 ``(..., d)`` running mean, updated in place.
         backend: see :mod:`fastpred.backends`.
 
     Returns:
         ``corr``.
     """
-    weight = 1.0 if first else 1.0 - rho
+    weight = ema_weight(rho, first=first, fold=fold)
+    if fold is not None:
+        x = torch.where(fold, x, torch.zeros((), dtype=x.dtype, device=x.device))  # a skipped NaN must not reach 0 * NaN
     impl = backends.resolve(backend, corr.device)
     return impl.corr_ema_(corr, x, weight, mean)
+
+
+def add_moments_(
+    gram: Tensor, total: Tensor, count: Tensor, x: Tensor, masks: Tensor | None = None, *, backend: str = "auto"
+) -> None:
+    """Add a batch's moments to running sums, the statistics of Eq. 19 before the EMA.
+
+    ``gram += x^T x``, ``total += sum_n x_n``, ``count += N``; with ``masks`` (0/1,
+    ``(m, N)``) once per row j over the samples it selects: ``gram[j] += x^T diag(masks[j]) x``.
+    Sums over several calls equal one call on their concatenation, so the batch
+    correlation of a step made of several calls is ``gram / count`` (the authors fold
+    both views of a step as one batch).
+
+    Args:
+        gram: float32 ``(d, d)``, or ``(m, d, d)`` with masks; updated in place.
+        total: float32 ``(d,)`` or ``(m, d)``; updated in place.
+        count: float32 ``()`` or ``(m,)``; updated in place.
+        x: ``(N, d)``, any float dtype (accumulated in float32).
+        masks: optional ``(m, N)`` 0/1 float tensor.
+        backend: see :mod:`fastpred.backends`.
+    """
+    impl = backends.resolve(backend, gram.device)
+    x = x.float()
+    if masks is None:
+        gram.add_(impl.gram(x))
+        total.add_(x.sum(0))
+        count.add_(x.shape[0])
+        return
+    masks = masks.float()
+    gram.add_(impl.gram(masks.unsqueeze(-1) * x))  # (m, d, d); masks are 0/1 so squares are harmless
+    total.add_(masks @ x)
+    count.add_(masks.sum(-1))
 
 
 def eig_map(

@@ -31,11 +31,18 @@ class DirectPredNumpy:
         self.rho, self.freq, self.zero_mean = rho, freq, zero_mean
 
     def step(self, x):
-        x = np.asarray(x, dtype=np.float64)
+        return self.step_calls([x])[0]
+
+    def step_calls(self, xs):
+        """One optimizer step made of several calls (views, micro-batches): each call is
+        predicted with the same W, then their samples are folded as ONE batch, as the
+        authors fold both views of a step."""
+        xs = [np.asarray(x, dtype=np.float64) for x in xs]
         if self.k >= 1 and (self.k - 1) % self.freq == 0:
             F = self.F - np.outer(self.m, self.m) if self.zero_mean else self.F
             self.W = directpred_weight(F, **self.cfg)
-        y = x @ self.W.T
+        ys = [x @ self.W.T for x in xs]
+        x = np.concatenate(xs)
         # Per-sample outer products averaged, as the authors' code does.
         batch = np.mean([np.outer(v, v) for v in x], axis=0)
         mean = x.mean(axis=0)
@@ -45,4 +52,4 @@ class DirectPredNumpy:
             self.F = self.rho * self.F + (1 - self.rho) * batch
             self.m = self.rho * self.m + (1 - self.rho) * mean
         self.k += 1
-        return y
+        return ys

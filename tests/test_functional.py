@@ -189,3 +189,55 @@ def test_auto_falls_back_to_reference_when_a_fast_step_breaks(monkeypatch):
     torch.testing.assert_close(corr, x.T @ x / 10)
     with pytest.raises(RuntimeError, match="kernel did not compile"):
         F.corr_ema_(corr, x, 0.3, backend="csrc")  # asked for by name: no fallback
+
+
+def test_moments_summed_over_calls_equal_the_moments_of_the_concatenation():
+    """The statistics of a step made of several calls (views, micro-batches), per half-space."""
+    d = 5
+    xs = [_data(n, d, seed=i) for i, n in enumerate((7, 12, 1))]
+    masks = [(torch.rand(3, len(x), generator=torch.Generator().manual_seed(i)) > 0.5).float() for i, x in enumerate(xs)]
+    gram, total, count = torch.zeros(3, d, d), torch.zeros(3, d), torch.zeros(3)
+    for x, m in zip(xs, masks):
+        F.add_moments_(gram, total, count, x, m, backend="torch")
+    x, m = torch.cat(xs).double().numpy(), torch.cat(masks, dim=1).double().numpy()
+    for j in range(3):
+        rows = x[m[j] > 0]
+        np.testing.assert_allclose(gram[j].numpy(), sum(np.outer(v, v) for v in rows), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(total[j].numpy(), rows.sum(0), rtol=1e-5, atol=1e-5)
+        assert count[j] == len(rows)
+    plain = (torch.zeros(d, d), torch.zeros(d), torch.zeros(()))
+    for x_ in xs:
+        F.add_moments_(*plain, x_, backend="torch")
+    np.testing.assert_allclose(plain[0].numpy(), x.T @ x, rtol=1e-5, atol=1e-5)
+    assert plain[2] == len(x)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_ema_blend_overwrites_keeps_and_blends(as_tensor):
+    state = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])
+    batch = torch.tensor([[5.0, 5.0], [float("nan"), 7.0]])
+    rows = [(1.0, [5.0, 5.0]), (0.0, [2.0, 3.0])]  # row 0 overwritten (NaN gone), row 1 kept (NaN ignored)
+    for (weight, expected), s, b in zip(rows, state, batch):
+        w = torch.tensor(weight) if as_tensor else weight
+        F.ema_(s, b, w)
+        torch.testing.assert_close(s, torch.tensor(expected))
+    blended = torch.tensor([1.0, 2.0])
+    F.ema_(blended, torch.tensor([3.0, 6.0]), torch.tensor(0.25) if as_tensor else 0.25)
+    torch.testing.assert_close(blended, torch.tensor([1.5, 3.0]))
+
+
+def test_ema_weight_decides_on_the_device():
+    assert F.ema_weight(0.3) == pytest.approx(0.7) and F.ema_weight(0.3, first=True) == 1.0
+    w = F.ema_weight(0.3, first=torch.tensor([True, False, False]), fold=torch.tensor([True, True, False]))
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.7, 0.0]))
+
+
+def test_corr_ema_skips_a_batch_not_folded_even_with_nan():
+    corr, mean = torch.eye(3), torch.ones(3)
+    x = torch.full((4, 3), float("nan"))
+    F.corr_ema_(corr, x, 0.3, fold=torch.tensor(False), mean=mean)
+    torch.testing.assert_close(corr, torch.eye(3))
+    torch.testing.assert_close(mean, torch.ones(3))
+    y = _data(6, 3)
+    F.corr_ema_(corr, y, 0.3, first=torch.tensor(True), fold=torch.tensor(True))
+    torch.testing.assert_close(corr, y.T @ y / 6)

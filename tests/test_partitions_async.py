@@ -113,8 +113,85 @@ def test_async_rebuild_failure_keeps_weight(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     pred._pending = None
-    pred._start_async_rebuild()  # computed with the broken solver
+    pred._schedule_rebuild()  # computed with the broken solver
     with pytest.warns(RuntimeWarning, match="keeping the previous W_p"):
         pred(xs[2])
     torch.testing.assert_close(pred.weight.detach(), kept)
     assert int(pred.num_eigh_failures) == 1
+
+
+def test_partitions_make_no_host_to_device_copy_per_step(monkeypatch):
+    """A tensor built from a Python list is a blocking host-to-device copy on CUDA (and
+    breaks CUDA-graph capture): the sample count must be made on the device."""
+    made = []
+    original = torch.Tensor.new_tensor
+    monkeypatch.setattr(torch.Tensor, "new_tensor", lambda self, *a, **k: made.append(a) or original(self, *a, **k))
+    pred = DirectPredictor(5, partitions=2, backend="torch")
+    for x in batches(3, 20, 5):
+        pred(x)
+    assert made == []
+
+
+class _FakeStream:
+    def __init__(self):
+        self.waited_for = []
+
+    def wait_stream(self, other):
+        self.waited_for.append(other)
+
+    def wait_event(self, event):
+        self.waited_for.append(event)
+
+
+class _FakeEvent:
+    def record(self, stream=None):
+        self.stream = stream
+
+
+def test_side_stream_rebuild_tells_the_allocator_who_reads_what(monkeypatch):
+    """F's copy is made on the main stream and read only by side-stream kernels: it must
+    be recorded on the side stream, and W_p (made on the side stream) on the main one."""
+    import contextlib
+
+    from fastpred import async_rebuild
+
+    main, side = _FakeStream(), _FakeStream()
+    recorded = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)))
+    corr = torch.eye(3) * 2
+    pending = async_rebuild.start_on_stream(lambda c: c.sqrt(), corr, side)
+    assert side.waited_for == [main]  # F is complete before the side stream reads it
+    assert any(t is corr and s is side for t, s in recorded)
+    assert any(t is pending.weight and s is main for t, s in recorded)
+    torch.testing.assert_close(pending.collect(), corr.sqrt())
+    assert main.waited_for == [pending.done]  # the main stream waits on the device, not the host
+
+
+@pytest.mark.parametrize("kwargs", [dict(freq=1), dict(freq=2, partitions=2)])
+def test_attached_async_rebuild_is_bit_identical_to_attached_synchronous(kwargs):
+    """With attach the rebuild starts in step() (after the optimizer step) and is swapped
+    in at the next call."""
+    d = 8
+    torch.manual_seed(4)
+    sync = DirectPredictor(d, **kwargs)
+    torch.manual_seed(4)
+    overlap = DirectPredictor(d, async_rebuild=True, **kwargs)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (sync, overlap)]
+    for m, opt in zip((sync, overlap), opts):
+        m.attach(opt)
+    for x in batches(5, 32, d):
+        outs = []
+        for m, opt in zip((sync, overlap), opts):
+            z1, z2 = x.chunk(2)
+            y = torch.cat([m(z1.requires_grad_()), m(z2.requires_grad_())])
+            y.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(y.detach())
+        assert torch.equal(outs[0], outs[1])
+    overlap(torch.zeros(0, d))  # swaps in the last rebuild
+    assert torch.equal(sync.weight, overlap.weight)
+    assert torch.equal(sync.corr, overlap.corr)

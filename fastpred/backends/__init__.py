@@ -162,19 +162,26 @@ def _falling_back(fast: Callable, ref: Callable, label: str) -> Callable:
     """Under ``auto``, a step whose fast implementation raises (a kernel that does not
     compile on this GPU, say) warns once and is computed by the reference from then
     on, rather than stopping a run. Explicitly requested backends never fall back;
-    eigh has its own retry chain (``functional.symmetric_eigh``)."""
+    eigh has its own retry chain (``functional.symmetric_eigh``).
+
+    A user error is never taken for a broken kernel: when the reference refuses the same
+    arguments too (a wrong dtype, shape or device), the fast path's error is raised and
+    nothing falls back."""
     state = {"broken": False}
 
     def step(*args, **kwargs):
-        if not state["broken"]:
+        if state["broken"]:
+            return ref(*args, **kwargs)
+        try:
+            return fast(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the fast path
             try:
-                return fast(*args, **kwargs)
-            except (ValueError, TypeError):
-                raise  # bad input: the reference would refuse it too
-            except Exception as err:  # noqa: BLE001 - any failure of the fast path
-                state["broken"] = True
-                warnings.warn(f"fastpred: {label} failed ({type(err).__name__}: {err}); "
-                              "using the torch reference for it from now on", RuntimeWarning, stacklevel=3)
-        return ref(*args, **kwargs)
+                result = ref(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - the reference refuses too: the input is at fault
+                raise err from None
+            state["broken"] = True
+            warnings.warn(f"fastpred: {label} failed ({type(err).__name__}: {err}); "
+                          "using the torch reference for it from now on", RuntimeWarning, stacklevel=3)
+            return result
 
     return step

@@ -25,32 +25,31 @@ def corr_ema_(corr: Tensor, x: Tensor, weight: float | Tensor, mean: Tensor | No
     ``weight`` is ``1 - rho`` for an ordinary update and ``1`` for the first one
     (the authors set F to the first batch correlation); it may be a 0-dim tensor so
     that a caller can decide on the device, without a host sync. ``weight == 1``
-    overwrites ``corr`` (and ``mean``) whatever they held, NaN included.
-    ``mean`` (``(..., d)``), when given, gets the same EMA of the batch mean of x.
+    overwrites ``corr`` (and ``mean``) whatever they held, NaN included; ``weight == 0``
+    leaves them as they are. ``mean`` (``(..., d)``), when given, gets the same EMA of
+    the batch mean of x.
     """
     n = x.shape[-2]
     xf = x.float()
-    if isinstance(weight, Tensor):
-        # Device-side weight: blend without reading it on the host.
-        batch = xf.mT @ xf / n
-        corr.copy_(torch.where(weight == 1, batch, corr.lerp(batch, weight)))
-        if mean is not None:
-            batch_mean = xf.mean(dim=-2)
-            mean.copy_(torch.where(weight == 1, batch_mean, mean.lerp(batch_mean, weight)))
-        return corr
-    if corr.dim() == 2:
-        # (1 - w) corr + (w / N) x^T x as one fused GEMM; beta = 0 ignores corr's old values.
-        corr.addmm_(xf.mT, xf, beta=1.0 - weight, alpha=weight / n)
-    elif weight == 1:
-        corr.copy_(xf.mT @ xf / n)
-    else:
-        corr.mul_(1.0 - weight).add_(xf.mT @ xf, alpha=weight / n)
+    ema_(corr, gram(xf) / n, weight)
     if mean is not None:
-        if weight == 1:
-            mean.copy_(xf.mean(dim=-2))
-        else:
-            mean.lerp_(xf.mean(dim=-2), weight)
+        ema_(mean, xf.mean(dim=-2), weight)
     return corr
+
+
+def ema_(state: Tensor, batch: Tensor, weight: float | Tensor) -> Tensor:
+    """The EMA blend of Eq. 19 in place: ``state <- state + weight * (batch - state)``.
+
+    ``weight`` is ``1 - rho``, ``1`` (overwrite, whatever ``state`` held, NaN included)
+    or ``0`` (keep ``state``, whatever ``batch`` holds); a float, or a tensor that
+    broadcasts against ``state`` (decided on the device, no host sync).
+    """
+    if isinstance(weight, Tensor):
+        blended = torch.where(weight == 0, state, state.lerp(batch, weight.to(state.dtype)))
+        return state.copy_(torch.where(weight == 1, batch, blended))
+    if weight == 1:
+        return state.copy_(batch)
+    return state.lerp_(batch, weight) if weight != 0 else state
 
 
 def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:

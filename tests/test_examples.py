@@ -1,0 +1,32 @@
+"""examples/ run a few steps on the CPU, and the README's Quick start runs as pasted."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "script, needs",
+    [("byol_plain.py", None), ("lightly_byol.py", "lightly"), ("lightning_accumulate.py", "lightning")],
+)
+def test_example_runs(script, needs):
+    if needs:
+        pytest.importorskip(needs)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--steps", "3"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_quick_start_runs_as_pasted():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md#quick-start", "exec"), namespace)
+    assert int(namespace["predictor"].num_updates) == 10  # one DirectPred step per optimizer step
