@@ -58,6 +58,7 @@ class EigMap:
 
     @property
     def relative(self) -> bool:
+        """``eps_mode == "relative"``."""
         return self.eps_mode == "relative"
 
     @property

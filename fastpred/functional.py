@@ -4,7 +4,8 @@ and the weight rebuild (Eq. 18).
 These are the one implementation of the mathematics in fastpred: the
 :class:`~fastpred.DirectPredictor` module (every route: one call or many per step,
 one process or DDP, with or without partitions), the trainer and the benchmarks all
-call them, and :mod:`fastpred.backends` is reached only from here. Each takes a
+call them, and :mod:`fastpred.backends` is reached through them (and the solvers and
+the eigensolver, :mod:`fastpred.eigh`, that they call). Each takes a
 ``backend=`` argument resolved by :mod:`fastpred.backends`: ``"auto"`` picks per
 device and step (on CPU the compiled extension where ``bench/`` measured it faster; on
 CUDA the choice rests on construction, not on a measurement, as none has been made on
