@@ -22,8 +22,10 @@ import torch
 
 import fastpred.functional as F
 from fastpred import backends, solvers
+from fastpred.eig_map import EigMap
 
 EPS, MIN_EIG = 0.1, 1e-4
+COPY_MAP = EigMap(EPS, 1.0, "relative", MIN_EIG)  # DirectCopy: power 1
 
 
 def float64_weight(corr: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ def float64_weight(corr: torch.Tensor) -> torch.Tensor:
 
 def eigh_path(corr: torch.Tensor) -> torch.Tensor:
     s, u = F.symmetric_eigh(corr)
-    return backends.resolve("auto", corr.device).rebuild(s, u, EPS, 1.0, "relative", MIN_EIG)
+    return backends.resolve("auto", corr.device).rebuild(s, u, COPY_MAP)
 
 
 def run(dim: int, steps: int, n: int = 256, seed: int = 0) -> dict:

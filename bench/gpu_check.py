@@ -57,6 +57,7 @@ import torch
 import fastpred.functional as F
 from fastpred import backends
 from fastpred.backends import reference
+from fastpred.eig_map import EigMap
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = dict(dims=[128, 256, 512, 1024, 2048], batches=[1, 4, 16, 64], rounds=5)
@@ -64,6 +65,8 @@ QUICK = dict(dims=[128, 512], batches=[1, 8], rounds=3)
 # Skip (dim, batch) pairs whose work exceeds 64 matrices of 1024 (minutes of GPU time otherwise).
 EIGH_BUDGET = 64 * 1024**3
 BACKEND_NAMES = ["torch", "csrc", "cupy", "triton", "auto"]
+PAPER_MAP = EigMap()  # eps 0.1, power 0.5, relative, min_eig 1e-4
+COPY_MAP = EigMap(0.1, 1.0, "relative", 1e-4)  # DirectCopy: power 1
 GPU_TEST_PATHS = ["tests/gpu", "tests/kernels"]  # where tests marked `gpu` live
 
 
@@ -312,7 +315,7 @@ def bench_stages(dims, rounds) -> list[dict]:
         weight = torch.tensor(0.7, device="cuda")
         n = x.shape[0]
         c_addmm = corr.clone()
-        p = reference.eig_map(s, 0.1, 0.5, "relative", 1e-4)
+        p = PAPER_MAP(s)
         stats = {"addmm (one GEMM)": lambda c=c_addmm: c.addmm_(x.mT, x, beta=0.3, alpha=0.7 / n)}
         rebuild = {"(U p) U^T": lambda: (u * p.unsqueeze(-2)) @ u.mT}
         for name in names:
@@ -321,7 +324,7 @@ def bench_stages(dims, rounds) -> list[dict]:
                 c = corr.clone()
                 stats[f"{name} corr_ema_"] = lambda f=impl.corr_ema_, c=c: f(c, x, weight)
             if name == "torch" or impl.rebuild is not reference.rebuild:
-                rebuild[f"{name} rebuild"] = lambda f=impl.rebuild: f(s, u, 0.1, 0.5, "relative", 1e-4)
+                rebuild[f"{name} rebuild"] = lambda f=impl.rebuild: f(s, u, PAPER_MAP)
         print(f"stages dim={dim}: {', '.join(stats) + ', ' + ', '.join(rebuild)}", flush=True)
         for stage, cases in (("statistics", stats), ("rebuild", rebuild)):
             for name, t in time_cuda(cases, rounds).items():
@@ -404,7 +407,7 @@ def bench_directcopy(dims, rounds) -> list[dict]:
             cases[f"{name} closed form"] = lambda c=corr, t=top, n=name: solvers.directcopy_weight(c, t, eps=0.1,
                                                                                                    backend=n)
             cases[f"{name} eigh path"] = lambda c=corr, i=impl, n=name: i.rebuild(
-                *F.symmetric_eigh(c, backend=n), 0.1, 1.0, "relative", 1e-4)
+                *F.symmetric_eigh(c, backend=n), COPY_MAP)
             for kind in ("closed form", "eigh path"):
                 errors[f"{name} {kind}"] = (cases[f"{name} {kind}"]().double() - exact).abs().max().item()
         print(f"directcopy dim={dim}: {', '.join(cases)}", flush=True)

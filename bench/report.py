@@ -23,8 +23,11 @@ import torch
 import fastpred.functional as F
 from fastpred import backends, solvers
 from fastpred.backends import reference
+from fastpred.eig_map import EigMap
 
 from .harness import authors_update, inputs, median_ms, spread_ms, time_interleaved
+
+PAPER_MAP = EigMap()  # eps 0.1, power 0.5, relative, min_eig 1e-4
 
 FULL = dict(dims=[64, 128, 256, 512, 1024, 2048], ns=[256, 1024, 4096])
 QUICK = dict(dims=[16, 32], ns=[32, 64])
@@ -86,7 +89,7 @@ def bench_stages(dims, ns, names, quick) -> list[dict]:
         for name in names:
             impl = backends.resolve(name, "cpu")
             cases[("eigh", name)] = lambda impl=impl: impl.eigh(corr)
-            cases[("rebuild", name)] = lambda impl=impl: impl.rebuild(s, u, 0.1, 0.5, "relative", 1e-4)
+            cases[("rebuild", name)] = lambda impl=impl: impl.rebuild(s, u, PAPER_MAP)
         cases[("eig_map", "torch")] = lambda: F.eig_map(s)
         for (stage, name), t in time_interleaved(cases, repeats_for(dim, quick)).items():
             rows.append({"stage": stage, "backend": name, "dim": dim, "n": None, **summarize(t)})
@@ -157,7 +160,7 @@ def bench_solvers(quick) -> list[dict]:
                 if state[k] is None and k != "eigh":
                     state[k] = solvers.init_state(k, corr[k])
                 if k == "warm":
-                    w, refreshed = solvers.warm_eigh_weight(corr[k], state[k], F.symmetric_eigh, eps=0.1, power=0.5, eps_mode="relative", min_eig=1e-4)
+                    w, refreshed = solvers.warm_eigh_weight(corr[k], state[k], PAPER_MAP)
                     refreshes += refreshed
                 else:
                     w = F.directpred_weight(corr[k], solver=k, solver_state=state[k])

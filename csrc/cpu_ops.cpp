@@ -229,7 +229,7 @@ std::tuple<Tensor, Tensor> eigh_cpu(const Tensor& a) {
 // ------------------------------------------------------------------- rebuild
 template <typename T>
 void eig_map_row(const T* s, int64_t d, double eps, double power, EpsMode mode, double min_eig, T* p) {
-  // reference.eig_map step by step, in T: clamp(s, 0), amax (NaN propagates).
+  // EigMap.__call__ (fastpred/eig_map.py) step by step, in T: clamp(s, 0), amax (NaN propagates).
   T s_max = T(0);
   bool first = true;
   for (int64_t j = 0; j < d; ++j) {

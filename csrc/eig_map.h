@@ -1,4 +1,4 @@
-// The eigenvalue map's scalar pieces (reference.eig_map), shared by the CPU and
+// The eigenvalue map's scalar pieces (fastpred.eig_map.EigMap), shared by the CPU and
 // CUDA kernels. No ATen headers: kernels.cu includes it.
 #pragma once
 
@@ -15,7 +15,7 @@ namespace fastpred {
 enum class EpsMode { kRelative, kAbsolute };
 
 // Whether eig_map can only return p >= 0 for these settings (decided without
-// data), so that W = V V^T with V = U diag(sqrt p): reference.nonnegative_map.
+// data), so that W = V V^T with V = U diag(sqrt p): EigMap.nonnegative.
 inline bool nonnegative_map(double eps, EpsMode mode, double min_eig) {
   return mode == EpsMode::kRelative ? min_eig >= 0 : eps >= 0;
 }

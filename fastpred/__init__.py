@@ -14,7 +14,7 @@ __all__ = ["DirectPredictor", "EighError", "backends", "functional", "solvers", 
 
 _LAZY = {
     "DirectPredictor": ("fastpred.predictor", "DirectPredictor"),
-    "EighError": ("fastpred.functional", "EighError"),
+    "EighError": ("fastpred.eigh", "EighError"),
     "backends": ("fastpred.backends", None),
     "functional": ("fastpred.functional", None),
     "solvers": ("fastpred.solvers", None),

@@ -2,7 +2,7 @@
 
 :func:`start_rebuild` launches ``compute(corr)`` and returns a :class:`PendingRebuild`;
 its :meth:`~PendingRebuild.collect` gives W_p (or raises the rebuild's
-:class:`~fastpred.functional.EighError`) once the caller needs it. The result is the
+:class:`~fastpred.eigh.EighError`) once the caller needs it. The result is the
 same as calling ``compute(corr)`` directly: only where it runs differs.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .functional import EighError
+from .eigh import EighError
 
 Compute = Callable[[Tensor], Tensor]
 

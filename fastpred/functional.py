@@ -4,7 +4,8 @@ and the weight rebuild (Eq. 18).
 These are the one implementation of the mathematics in fastpred: the
 :class:`~fastpred.DirectPredictor` module (every route: one call or many per step,
 one process or DDP, with or without partitions), the trainer and the benchmarks all
-call them, and :mod:`fastpred.backends` is reached only from here. Each takes a
+call them, and :mod:`fastpred.backends` is reached through them (and the solvers and
+the eigensolver, :mod:`fastpred.eigh`, that they call). Each takes a
 ``backend=`` argument resolved by :mod:`fastpred.backends`: ``"auto"`` picks per
 device and step (on CPU the compiled extension where ``bench/`` measured it faster; on
 CUDA the choice rests on construction, not on a measurement, as none has been made on
@@ -16,33 +17,13 @@ Every function accepts leading batch dimensions: ``x`` ``(..., N, d)``, ``corr``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import backends, solvers
 from .backends import reference
-
-EPS_MODES = ("relative", "absolute")
-
-
-class EighError(RuntimeError):
-    """The eigendecomposition failed, in float32 and again in float64 with jitter."""
-
-
-def check_map_args(*, eps: float, power: float, eps_mode: str, min_eig: float) -> None:
-    """Raise ValueError/TypeError naming the offending eigenvalue-map argument."""
-    for name, value in (("eps", eps), ("power", power), ("min_eig", min_eig)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a real number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-    if not power > 0:
-        raise ValueError(f"power must be > 0, got {power!r}")
-    if eps_mode not in EPS_MODES:
-        raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
-
+from .eig_map import EigMap
+from .eigh import EighError, symmetric_eigh  # noqa: F401  (EighError: re-exported, part of this API)
 
 # |x| above this would overflow x^T x in float32 for any realistic dim: treat as bad data.
 MAX_ABS_FEATURE = 1e17
@@ -162,56 +143,16 @@ def eig_map(
     """Map eigenvalues s of F to eigenvalues p of W_p (Eq. 18 and the authors' form).
 
     ``eps_mode="relative"`` (default; the authors' ``boost_scale``, which produced
-    the paper's tables): ``p = (max(s,0)/max(s)) ** power + eps``, then
-    ``p = max(p, min_eig)``. ``eps_mode="absolute"`` (Eq. 18 as printed):
-    ``p = max(s,0) ** power + eps * max(s)``. ``power=0.5`` is DirectPred,
-    ``power=1`` DirectCopy-style. If ``max(s) <= 0`` (F all zeros), relative
-    mode gives ``p = max(eps, min_eig)`` and absolute mode ``p = 0``.
+    the paper's tables): ``p = max((max(s,0)/max(s)) ** power + eps, min_eig)``;
+    ``eps_mode="absolute"`` (Eq. 18 as printed): ``p = max(s,0) ** power + eps * max(s)``.
+    ``power=0.5`` is DirectPred, ``power=1`` DirectCopy-style; F all zeros and the
+    checks on the arguments: see :class:`fastpred.eig_map.EigMap`.
 
     The map is elementwise and the same on every device: ``backend`` is accepted
     for a uniform signature and only checked.
     """
     backends.check_name(backend)
-    check_map_args(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
-    return reference.eig_map(s, eps, power, eps_mode, min_eig)
-
-
-def symmetric_eigh(corr: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Eigendecomposition of a symmetric matrix with the fallbacks a long run needs.
-
-    The backend's solver first; if it fails (or, on CPU, returns non-finite
-    eigenvalues), the reference in float64; if that fails, float64 again with a jitter
-    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are float32.
-
-    Raises:
-        EighError: all three attempts failed.
-    """
-    impl = backends.resolve(backend, corr.device)
-    attempts = [lambda: impl.eigh(corr), lambda: reference.eigh(corr.double())]
-
-    def jittered():
-        c = corr.double()
-        d = c.shape[-1]
-        scale = c.diagonal(dim1=-2, dim2=-1).abs().sum(-1) / d + 1e-12  # (...)
-        eye = torch.eye(d, dtype=c.dtype, device=c.device)
-        return reference.eigh(c + 1e-6 * scale[..., None, None] * eye)
-
-    attempts.append(jittered)
-    errors = []
-    for attempt in attempts:
-        try:
-            s, u = attempt()
-        except (RuntimeError, torch.linalg.LinAlgError) as err:  # LinAlgError, cuSOLVER errors
-            errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
-            continue
-        # A host check is free on CPU; GPU solvers report failures themselves. A
-        # solver that went wrong leaves NaN in the eigenvalues too: checking the d of
-        # them costs far less than the d^2 eigenvector entries.
-        if s.device.type == "cpu" and not torch.isfinite(s).all():
-            errors.append("non-finite eigenvalues")
-            continue
-        return s.float(), u.float()
-    raise EighError("eigendecomposition failed: " + "; ".join(errors))
+    return EigMap(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)(s)
 
 
 def directpred_weight(
@@ -251,22 +192,30 @@ def directpred_weight(
         EighError: the eigendecomposition failed even in float64 (see
             :func:`symmetric_eigh`).
     """
-    check_map_args(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
-    check_solver(solver, power)
+    eig_map = EigMap(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
+    return solve_weight(corr, eig_map, backend=backend, solver=solver, solver_state=solver_state)
+
+
+def solve_weight(
+    corr: Tensor,
+    eig_map: EigMap,
+    *,
+    backend: str = "auto",
+    solver: str = "eigh",
+    solver_state: Tensor | None = None,
+) -> Tensor:
+    """:func:`directpred_weight` for a map already made (what ``DirectPredictor`` holds)."""
+    check_solver(solver, eig_map.power)
     if solver == "newton_schulz":
-        return solvers.newton_schulz_weight(corr, solver_state, eps=eps, eps_mode=eps_mode, min_eig=min_eig)
+        return solvers.newton_schulz_weight(corr, solver_state, eig_map)
     if solver == "warm":
-        weight, _ = solvers.warm_eigh_weight(
-            corr, solver_state, lambda c: symmetric_eigh(c, backend=backend),
-            eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig,
-        )
+        weight, _ = solvers.warm_eigh_weight(corr, solver_state, eig_map, backend=backend)
         return weight
-    if solvers.closed_form_applies(power=power, eps=eps, eps_mode=eps_mode, min_eig=min_eig):
+    if eig_map.has_closed_form:
         # DirectCopy: W = F / s_max + eps I exactly; no eigendecomposition (DESIGN.md section 5).
-        return solvers.directcopy_weight(corr, solver_state, eps=eps, backend=backend)
+        return solvers.directcopy_weight(corr, solver_state, eps=eig_map.eps, backend=backend)
     s, u = symmetric_eigh(corr, backend=backend)
-    impl = backends.resolve(backend, corr.device)
-    return impl.rebuild(s, u, eps, power, eps_mode, min_eig)
+    return backends.resolve(backend, corr.device).rebuild(s, u, eig_map)
 
 
 def check_solver(solver: str, power: float) -> None:

@@ -10,10 +10,11 @@ import torch.distributed as dist
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from . import functional, solvers
+from . import backends, functional, solvers
 from .async_rebuild import PendingRebuild, start_rebuild
+from .eig_map import EigMap
+from .eigh import EighError
 from .partitions import batch_thresholds, half_space_masks, partitioned_linear, project, random_hyperplanes
-from .backends import check_name
 
 # State that stays float32 whatever dtype the module is cast to (.half(), .double(), ...).
 _FLOAT32_STATE = ("corr", "mean", "planes", "thresholds", "solver_state")
@@ -96,6 +97,8 @@ class DirectPredictor(nn.Module):
         num_updates: int64 buffer, steps taken (skipped ones included).
         num_skipped: int64 buffer, steps whose statistics were skipped (non-finite x).
         num_eigh_failures: int64 buffer, rebuilds that kept the previous W_p.
+        eig_map: the map's settings (eps, power, eps_mode, min_eig), one
+            :class:`~fastpred.eig_map.EigMap`.
 
     Robustness: a step with non-finite values (in any of its calls) leaves F unchanged
     (y is still returned), is counted and, on CPU, warned about at once; on GPU the
@@ -139,11 +142,10 @@ class DirectPredictor(nn.Module):
             raise ValueError(f"freq must be an integer >= 1, got {freq!r}")
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 0:
             raise ValueError(f"partitions must be an integer >= 0, got {partitions!r}")
-        functional.check_map_args(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
+        self.eig_map = EigMap(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
         functional.check_solver(solver, power)
-        check_name(backend)
-        self.dim, self.rho, self.eps, self.freq = dim, float(rho), float(eps), freq
-        self.power, self.eps_mode, self.min_eig = float(power), eps_mode, float(min_eig)
+        backends.check_name(backend)
+        self.dim, self.rho, self.freq = dim, float(rho), freq
         self.zero_mean, self.sync, self.backend = bool(zero_mean), bool(sync), backend
         self.partitions, self.async_rebuild, self.solver = partitions, bool(async_rebuild), solver
 
@@ -159,8 +161,7 @@ class DirectPredictor(nn.Module):
         if partitions:
             self.register_buffer("planes", random_hyperplanes(dim, partitions))
             self.register_buffer("thresholds", torch.zeros(partitions))
-        self._keeps_solver_state = solver != "eigh" or solvers.closed_form_applies(
-            power=power, eps=eps, eps_mode=eps_mode, min_eig=min_eig)  # DirectCopy's warm start
+        self._keeps_solver_state = solver != "eigh" or self.eig_map.has_closed_form  # DirectCopy's warm start
         if self._keeps_solver_state:
             # What the solver carries from one rebuild to the next; primed at the first one.
             self.register_buffer("solver_state", torch.zeros_like(solvers.init_state(solver, self.corr)))
@@ -183,6 +184,12 @@ class DirectPredictor(nn.Module):
         self._pending: PendingRebuild | None = None
         self._load_rejected = False
         self.register_load_state_dict_post_hook(_after_load)
+
+    # The map's settings, readable like every other constructor argument (kept in eig_map).
+    eps = property(lambda self: self.eig_map.eps)
+    power = property(lambda self: self.eig_map.power)
+    eps_mode = property(lambda self: self.eig_map.eps_mode)
+    min_eig = property(lambda self: self.eig_map.min_eig)
 
     def extra_repr(self) -> str:
         extra = f", partitions={self.partitions}" if self.partitions else ""
@@ -262,7 +269,18 @@ class DirectPredictor(nn.Module):
         self._bring_weight_up_to_date()  # a rebuild owed by the per-call mode (or a load)
         self._moments.zero_()
         self._attached = True
+        self._resolve_backend()
         return Attachment(self, hook)
+
+    def _resolve_backend(self) -> None:
+        """Resolve the backend for this device now, in eager code. Attached training calls
+        run traced under torch.compile, and a first resolution there (it imports the
+        backend) would break the graph for good. A backend that cannot run on this device
+        (yet: the module may still move) is reported at its first use, as before."""
+        try:
+            backends.resolve(self.backend, self.corr.device)
+        except RuntimeError:
+            pass
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -381,7 +399,7 @@ class DirectPredictor(nn.Module):
             pending, self._pending = self._pending, None
             try:
                 weight = pending.collect()
-            except functional.EighError as err:
+            except EighError as err:
                 self._record_eigh_failure(err)
             else:
                 self._install_weight(weight)
@@ -398,17 +416,15 @@ class DirectPredictor(nn.Module):
                 self.solver_state.copy_(solvers.init_state(self.solver, corr))
                 self._solver_primed = True
             state = self.solver_state
-        return functional.directpred_weight(
-            corr, eps=self.eps, power=self.power, eps_mode=self.eps_mode, min_eig=self.min_eig,
-            backend=self.backend, solver=self.solver, solver_state=state,
-        )
+        return functional.solve_weight(corr, self.eig_map, backend=self.backend, solver=self.solver,
+                                       solver_state=state)
 
     def _rebuild(self) -> Tensor | bool:
         """W_p <- the map of F (Eq. 18), keeping the previous W_p if that fails."""
         self._rebuild_owed = False
         try:
             weight = self._weight_from(self._target_corr())
-        except functional.EighError as err:
+        except EighError as err:
             return self._record_eigh_failure(err)
         return self._install_weight(weight)
 
@@ -451,6 +467,8 @@ class DirectPredictor(nn.Module):
         for name, old in before.items():
             self._buffers[name] = float32_after(old, self._buffers[name])
         self._moments = float32_after(self._moments, fn(self._moments))
+        if self._attached:
+            self._resolve_backend()  # on the new device
         return self
 
     def state_dict(self, *args, **kwargs):

@@ -29,7 +29,10 @@ import weakref
 import torch
 from torch import Tensor
 
+from . import backends
 from .backends import reference
+from .eig_map import EigMap
+from .eigh import symmetric_eigh
 
 SOLVERS = ("eigh", "newton_schulz", "warm")
 
@@ -63,12 +66,6 @@ def init_state(solver: str, corr: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------ DirectCopy's closed form
-def closed_form_applies(*, power: float, eps: float, eps_mode: str, min_eig: float) -> bool:
-    """Whether W_p = F / s_max + eps I exactly: power 1 in relative mode with
-    ``eps >= min_eig`` (the clamp to min_eig then never acts, as s / s_max >= 0)."""
-    return power == 1 and eps_mode == "relative" and eps >= min_eig
-
-
 WARM_STEPS = 8  # Krylov dimension from last call's top eigenvector
 COLD_STEPS = 64  # Lanczos steps from a fixed start vector
 
@@ -97,8 +94,6 @@ def top_eigenpair(corr: Tensor, top: Tensor | None = None, *, cold: bool | None 
 
 def _top_eigenpair(f: Tensor, top: Tensor | None, cold: bool, backend: str) -> Tensor:
     """:func:`top_eigenpair` of a float64 symmetric ``f``."""
-    from . import backends  # the eigensolver of the small projected problem
-
     d = f.shape[-1]
     if cold:
         q = _lanczos_basis(f, _probe(0, d, f), min(COLD_STEPS, d))
@@ -167,7 +162,7 @@ def _probe(k: int, d: int, like: Tensor) -> Tensor:
 def directcopy_weight(corr: Tensor, top: Tensor | None, *, eps: float, backend: str = "auto") -> Tensor:
     """W_p of Eq. 18 for power 1, relative mode, ``eps >= min_eig``: ``F / s_max + eps I``.
 
-    Exactly the eigendecomposition path's result (see :func:`closed_form_applies`),
+    Exactly the eigendecomposition path's result (see :attr:`EigMap.has_closed_form`),
     with s_max from :func:`top_eigenpair` warm-started by ``top`` (updated in place;
     None: a cold start). ``F = 0`` gives ``eps I``, as the eigh path does; a NaN in F
     gives a NaN W. Reads corr's lower triangle only; float32 ``(..., d, d)``.
@@ -236,16 +231,15 @@ def newton_schulz_sqrt(a: Tensor, iters: int) -> Tensor:
     return torch.where(better[..., None, None], y, best)
 
 
-def newton_schulz_weight(
-    corr: Tensor, top_block: Tensor, *, eps: float, eps_mode: str, min_eig: float, iters: int = 15
-) -> Tensor:
-    """W_p of Eq. 18 for power 1/2 from matmuls only.
+def newton_schulz_weight(corr: Tensor, top_block: Tensor, eig_map: EigMap, *, iters: int = 15) -> Tensor:
+    """W_p of Eq. 18 for power 1/2 (``eig_map.power`` is not read) from matmuls only.
 
     relative: ``W = (F / s_max)^{1/2} + eps I``; absolute: ``W = F^{1/2} + eps s_max I``,
     with s_max from :func:`top_eigenvalue`. F must be PSD (a correlation is), and in
     relative mode ``eps >= min_eig`` so that the clamp of the map never acts.
     """
-    if eps_mode == "relative" and eps < min_eig:
+    eps, min_eig = eig_map.eps, eig_map.min_eig
+    if eig_map.relative and eps < min_eig:
         raise ValueError(f"solver='newton_schulz' needs eps >= min_eig in relative mode, got eps={eps}, min_eig={min_eig}")
     corr = corr.float()
     s_max = top_eigenvalue(corr, top_block)  # (...)
@@ -254,7 +248,7 @@ def newton_schulz_weight(
     root = newton_schulz_sqrt(corr / scale[..., None, None], iters)  # (F / s_max)^{1/2}
     root = torch.where(positive[..., None, None], root, torch.zeros_like(root))
     eye = torch.eye(corr.shape[-1], dtype=corr.dtype, device=corr.device)
-    if eps_mode == "relative":
+    if eig_map.relative:
         # F = 0: p = max(eps, min_eig) = eps, as the eigh path gives.
         return root + eps * eye
     s_max = s_max.clamp(min=0)[..., None, None]
@@ -292,15 +286,7 @@ def _refresh_requested(state: Tensor, flag: Tensor) -> bool:
 
 
 def warm_eigh_weight(
-    corr: Tensor,
-    state: Tensor,
-    eigh,
-    *,
-    eps: float,
-    power: float,
-    eps_mode: str,
-    min_eig: float,
-    max_off: float = 0.05,
+    corr: Tensor, state: Tensor, eig_map: EigMap, *, backend: str = "auto", max_off: float = 0.05
 ) -> tuple[Tensor, bool]:
     """W_p from last step's eigenbasis, refined to first order; full eigh when that is unsafe.
 
@@ -311,7 +297,8 @@ def warm_eigh_weight(
     re-orthonormalised (one Newton-Schulz polar step) so that it keeps tracking F.
 
     If ``||E||_F > max_off * ||diag(a)||`` (or no basis is known yet), the basis is
-    replaced by a full ``eigh(F)`` and W_p is built from it exactly. On CPU that
+    replaced by a full eigendecomposition of F (:func:`fastpred.eigh.symmetric_eigh`
+    with ``backend``) and W_p is built from it exactly. On CPU that
     happens in the same call. On CUDA the decision is made on the device and read
     one call late (through pinned memory, so no call waits for the GPU): the call
     that finds F moved too far still returns the first-order refinement, and the
@@ -328,22 +315,22 @@ def warm_eigh_weight(
     d = corr.shape[-1]
     basis, flag = state[..., :d, :], state[..., d, 0]  # views: updated in place
     if _refresh_requested(state, flag):
-        s, u = eigh(corr)
+        s, u = symmetric_eigh(corr, backend=backend)
         basis.copy_(u)
         flag.zero_()
-        return reference.rebuild(s, u, eps, power, eps_mode, min_eig), True
+        return reference.rebuild(s, u, eig_map), True
     a = basis.mT @ corr @ basis  # (..., d, d)
     diag = a.diagonal(dim1=-2, dim2=-1)  # (..., d)
     off = a - torch.diag_embed(diag)
     too_far = off.norm(dim=(-2, -1)) > max_off * diag.norm(dim=-1)  # (...)
     if not corr.is_cuda and bool(too_far.any()):  # free on the host
-        s, u = eigh(corr)
+        s, u = symmetric_eigh(corr, backend=backend)
         basis.copy_(u)
-        return reference.rebuild(s, u, eps, power, eps_mode, min_eig), True
+        return reference.rebuild(s, u, eig_map), True
     if corr.is_cuda:
         flag.copy_(too_far)
         _pending_flags[state] = _PendingFlag(flag)
-    p = reference.eig_map(diag, eps, power, eps_mode, min_eig)  # (..., d)
+    p = eig_map(diag)  # (..., d)
     gap = diag.unsqueeze(-1) - diag.unsqueeze(-2)  # a_i - a_j
     scale = diag.abs().amax(dim=-1, keepdim=True).unsqueeze(-1).clamp(min=1e-30)
     close = gap.abs() <= 1e-6 * scale
@@ -351,8 +338,8 @@ def warm_eigh_weight(
     # (Both evaluations share one appended top value, so only a_i moves.)
     h = 1e-3 * scale.squeeze(-1)
     top = diag.amax(-1, keepdim=True) + h
-    p_lo = reference.eig_map(torch.cat([diag, top], -1), eps, power, eps_mode, min_eig)[..., :-1]
-    p_hi = reference.eig_map(torch.cat([diag + h, top], -1), eps, power, eps_mode, min_eig)[..., :-1]
+    p_lo = eig_map(torch.cat([diag, top], -1))[..., :-1]
+    p_hi = eig_map(torch.cat([diag + h, top], -1))[..., :-1]
     slope = (p_hi - p_lo) / h  # (..., d), the map's derivative at each a_i
     divided = torch.where(close, 0.5 * (slope.unsqueeze(-1) + slope.unsqueeze(-2)), (p.unsqueeze(-1) - p.unsqueeze(-2)) / torch.where(close, 1.0, gap))
     middle = torch.diag_embed(p) + divided * off

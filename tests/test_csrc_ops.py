@@ -15,14 +15,15 @@ import torch
 import fastpred._C as _C
 from fastpred import functional
 from fastpred.backends import csrc, reference
+from fastpred.eig_map import EigMap
 
 ops = torch.ops.fastpred
 SIZES = [(1, 1), (7, 3), (129, 77), (200, 512), (256, 33)]  # (d, N)
-MAPS = [  # (eps, power, eps_mode, min_eig): relative (paper), absolute (Eq. 18), DirectCopy, general-sign
-    (0.1, 0.5, "relative", 1e-4),
-    (0.1, 0.5, "absolute", 1e-4),
-    (0.0, 1.0, "relative", 1e-4),
-    (0.3, 0.7, "relative", -1.0),
+MAPS = [  # relative (paper), absolute (Eq. 18), DirectCopy, general-sign
+    EigMap(0.1, 0.5, "relative", 1e-4),
+    EigMap(0.1, 0.5, "absolute", 1e-4),
+    EigMap(0.0, 1.0, "relative", 1e-4),
+    EigMap(0.3, 0.7, "relative", -1.0),
 ]
 
 
@@ -160,12 +161,12 @@ def test_eigh_empty_and_rejects_non_square():
 
 # ------------------------------------------------------------------ rebuild
 @pytest.mark.parametrize("d", [1, 7, 129, 200, 256])
-@pytest.mark.parametrize("mapping", MAPS, ids=lambda m: f"{m[2]}-p{m[1]}-eps{m[0]}-min{m[3]}")
+@pytest.mark.parametrize("mapping", MAPS, ids=lambda m: f"{m.eps_mode}-p{m.power}-eps{m.eps}-min{m.min_eig}")
 def test_rebuild_matches_reference(d, mapping):
     s, u = torch.linalg.eigh(correlation(d))
     s = s - 0.01 * s.max()  # a few negative eigenvalues: the clamp at 0 shows
-    got = csrc.rebuild(s, u, *mapping)
-    want = reference.rebuild(s, u, *mapping)
+    got = csrc.rebuild(s, u, mapping)
+    want = reference.rebuild(s, u, mapping)
     assert rel_err(got, want) < 2e-5
     torch.testing.assert_close(got, got.mT, rtol=0, atol=0)
     assert got.is_contiguous()
@@ -180,26 +181,27 @@ def test_rebuild_any_eigenvector_layout_and_batch(layout):
     elif layout == "strided":
         u = torch.cat([u, u], dim=-1)[..., ::2]
     for mapping in MAPS:
-        torch.testing.assert_close(csrc.rebuild(s, u, *mapping), reference.rebuild(s, u, *mapping),
+        torch.testing.assert_close(csrc.rebuild(s, u, mapping), reference.rebuild(s, u, mapping),
                                    rtol=1e-5, atol=1e-5)
 
 
 def test_rebuild_float64_and_zero_matrix():
     s, u = torch.linalg.eigh(correlation(6).double())
-    torch.testing.assert_close(csrc.rebuild(s, u, *MAPS[0]), reference.rebuild(s, u, *MAPS[0]))
+    torch.testing.assert_close(csrc.rebuild(s, u, MAPS[0]), reference.rebuild(s, u, MAPS[0]))
     zero_s, zero_u = torch.zeros(5), torch.eye(5)
-    torch.testing.assert_close(csrc.rebuild(zero_s, zero_u, 0.1, 0.5, "relative", 1e-4), 0.1 * torch.eye(5))
-    torch.testing.assert_close(csrc.rebuild(zero_s, zero_u, 0.1, 0.5, "absolute", 1e-4), torch.zeros(5, 5))
+    torch.testing.assert_close(csrc.rebuild(zero_s, zero_u, EigMap(0.1, 0.5, "relative")), 0.1 * torch.eye(5))
+    torch.testing.assert_close(csrc.rebuild(zero_s, zero_u, EigMap(0.1, 0.5, "absolute")), torch.zeros(5, 5))
 
 
 def test_rebuild_rejects_bad_arguments():
+    """At the operator, which direct callers reach with scalars."""
     s, u = torch.ones(4), torch.eye(4)
     with pytest.raises(RuntimeError, match="eps_mode must be 'relative' or 'absolute'"):
-        csrc.rebuild(s, u, 0.1, 0.5, "scaled", 1e-4)
+        ops.rebuild(s, u, 0.1, 0.5, "scaled", 1e-4)
     with pytest.raises(RuntimeError, match=r"s must be \(\.\.\., d\)"):
-        csrc.rebuild(torch.ones(3), u, 0.1, 0.5, "relative", 1e-4)
+        ops.rebuild(torch.ones(3), u, 0.1, 0.5, "relative", 1e-4)
     with pytest.raises(RuntimeError, match="float32 or both float64"):
-        csrc.rebuild(s.double(), u, 0.1, 0.5, "relative", 1e-4)
+        ops.rebuild(s.double(), u, 0.1, 0.5, "relative", 1e-4)
 
 
 # ------------------------------------------------- through the dispatch point
@@ -242,7 +244,7 @@ def test_torch_compile_full_graph():
     def update(corr, x):
         csrc.corr_ema_(corr, x, 0.7)
         s, u = csrc.eigh(corr)
-        return csrc.rebuild(s, u, 0.1, 0.5, "relative", 1e-4)
+        return csrc.rebuild(s, u, EigMap())
 
     compiled = torch.compile(update, fullgraph=True, backend="aot_eager")
     c_eager, c_compiled = correlation(d), correlation(d)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fastpred import functional as F
+from fastpred.eig_map import EigMap
 from reference_numpy import directpred_weight as np_weight
 from reference_numpy import eig_map as np_eig_map
 
@@ -145,6 +146,17 @@ def test_eigh_error_when_every_attempt_fails(monkeypatch):
 def test_bad_map_arguments_are_named(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         F.directpred_weight(torch.eye(3), **kwargs)
+
+
+@pytest.mark.parametrize("eps, eps_mode, min_eig", [
+    (0.1, "relative", 1e-4), (-0.5, "relative", 0.0), (-0.5, "relative", -1.0), (0.0, "absolute", 1e-4),
+    (-0.1, "absolute", 1.0),
+])
+def test_nonnegative_says_whether_the_map_can_go_below_zero(eps, eps_mode, min_eig):
+    """The V V^T shortcut of the rebuilds rests on this claim, made without data."""
+    eig_map = EigMap(eps=eps, power=0.5, eps_mode=eps_mode, min_eig=min_eig)
+    s = torch.tensor([[0.0, 0.0], [0.0, 1.0], [-1.0, 4.0]])  # F = 0, a zero eigenvalue, a negative one
+    assert (eig_map(s).min().item() >= 0) == eig_map.nonnegative
 
 
 @pytest.mark.parametrize("weight", [1.0, torch.tensor(1.0)], ids=["float", "tensor"])

@@ -6,6 +6,7 @@ import torch
 
 import fastpred.functional as F
 from fastpred import DirectPredictor, solvers
+from fastpred.eig_map import EigMap
 
 
 def spectrum_matrix(d, cond, rank=None, seed=0):
@@ -36,7 +37,7 @@ def rel_err(a, b):
 def test_newton_schulz_matches_eigh_across_condition_numbers(cond, tol, eps_mode):
     corr = spectrum_matrix(96, cond).float()
     state = solvers.init_state("newton_schulz", corr)
-    w = solvers.newton_schulz_weight(corr, state, eps=0.1, eps_mode=eps_mode, min_eig=1e-4, iters=20)
+    w = solvers.newton_schulz_weight(corr, state, EigMap(eps=0.1, eps_mode=eps_mode), iters=20)
     assert rel_err(w, exact_weight(corr, eps_mode=eps_mode)) < tol
 
 
@@ -46,7 +47,7 @@ def test_newton_schulz_rank_deficient_and_never_blows_up():
     errors = {}
     for iters in (15, 60, 300):  # far past convergence, where plain float32 NS drifts
         state = solvers.init_state("newton_schulz", corr)
-        w = solvers.newton_schulz_weight(corr, state, eps=0.1, eps_mode="relative", min_eig=1e-4, iters=iters)
+        w = solvers.newton_schulz_weight(corr, state, EigMap(eps=0.1), iters=iters)
         assert torch.isfinite(w).all()
         errors[iters] = rel_err(w, ref)
     assert errors[15] < 2e-3
@@ -56,7 +57,7 @@ def test_newton_schulz_rank_deficient_and_never_blows_up():
 def test_newton_schulz_zero_matrix_matches_documented_value():
     corr = torch.zeros(5, 5)
     state = solvers.init_state("newton_schulz", corr)
-    w = solvers.newton_schulz_weight(corr, state, eps=0.1, eps_mode="relative", min_eig=1e-4)
+    w = solvers.newton_schulz_weight(corr, state, EigMap(eps=0.1))
     torch.testing.assert_close(w, 0.1 * torch.eye(5))
 
 
@@ -73,12 +74,10 @@ def test_newton_schulz_rejects_other_powers_and_small_eps():
 def test_warm_solver_first_call_and_large_moves_fall_back_to_eigh():
     corr = spectrum_matrix(48, 1e3).float()
     state = solvers.init_state("warm", corr)
-    w, refreshed = solvers.warm_eigh_weight(corr, state, torch.linalg.eigh, eps=0.1, power=0.5,
-                                            eps_mode="relative", min_eig=1e-4)
+    w, refreshed = solvers.warm_eigh_weight(corr, state, EigMap(), backend="torch")
     assert refreshed and rel_err(w, exact_weight(corr)) < 1e-5
     moved = spectrum_matrix(48, 1e3, seed=5).float()  # an unrelated matrix: basis useless
-    w, refreshed = solvers.warm_eigh_weight(moved, state, torch.linalg.eigh, eps=0.1, power=0.5,
-                                            eps_mode="relative", min_eig=1e-4)
+    w, refreshed = solvers.warm_eigh_weight(moved, state, EigMap(), backend="torch")
     assert refreshed and rel_err(w, exact_weight(moved)) < 1e-5
 
 
@@ -89,12 +88,12 @@ def test_warm_solver_tracks_a_slowly_moving_matrix(eps_mode, power):
     corr = spectrum_matrix(d, 1e2).float()
     basis = solvers.init_state("warm", corr)
     kw = dict(eps=0.1, power=power, eps_mode=eps_mode, min_eig=1e-4)
-    solvers.warm_eigh_weight(corr, basis, torch.linalg.eigh, **kw)
+    solvers.warm_eigh_weight(corr, basis, EigMap(**kw), backend="torch")
     refreshes = 0
     for _ in range(10):
         noise = torch.randn(d, d, generator=g) * 5e-5
         corr = corr + noise + noise.T  # a slow EMA's step
-        w, refreshed = solvers.warm_eigh_weight(corr, basis, torch.linalg.eigh, **kw)
+        w, refreshed = solvers.warm_eigh_weight(corr, basis, EigMap(**kw), backend="torch")
         refreshes += refreshed
         assert rel_err(w, exact_weight(corr, **kw)) < 1e-4
     assert refreshes == 0  # the refinement, not the fallback, did the work
@@ -182,7 +181,7 @@ def test_closed_form_decomposes_no_d_by_d_matrix_and_reads_the_lower_triangle(mo
 @pytest.mark.parametrize("kw", [dict(eps_mode="absolute"), dict(eps=1e-5, min_eig=1e-4), dict(power=0.5)])
 def test_settings_where_the_closed_form_does_not_hold_take_the_eigh_path(kw):
     args = dict(power=1.0, eps=0.1, eps_mode="relative", min_eig=1e-4) | kw
-    assert not solvers.closed_form_applies(**args)
+    assert not EigMap(**args).has_closed_form
     corr = spectrum_matrix(32, 1e6).float()
     w = F.directpred_weight(corr, **args)
     assert (w.double() - exact_weight(corr, **args)).abs().max().item() < 1e-4

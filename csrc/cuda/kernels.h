@@ -22,7 +22,7 @@ void blend(float* corr, const float* g, int64_t d, int64_t batch, float n, bool 
 void lerp_vector(float* mean, const float* batch_mean, int64_t count, const float* w_dev, float w_host,
                  cudaStream_t stream);
 
-// f[b] = eig_map(s[b]) for each of `batch` rows of length d (reference.eig_map),
+// f[b] = eig_map(s[b]) for each of `batch` rows of length d (fastpred.eig_map.EigMap),
 // or its square root with take_sqrt.
 template <typename T>
 void eig_map(const T* s, T* f, int64_t d, int64_t batch, double eps, double power, bool relative, double min_eig,

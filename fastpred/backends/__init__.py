@@ -162,7 +162,7 @@ def _falling_back(fast: Callable, ref: Callable, label: str) -> Callable:
     """Under ``auto``, a step whose fast implementation raises (a kernel that does not
     compile on this GPU, say) warns once and is computed by the reference from then
     on, rather than stopping a run. Explicitly requested backends never fall back;
-    eigh has its own retry chain (``functional.symmetric_eigh``).
+    eigh has its own retry chain (:func:`fastpred.eigh.symmetric_eigh`).
 
     A user error is never taken for a broken kernel: when the reference refuses the same
     arguments too (a wrong dtype, shape or device), the fast path's error is raised and

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (registers torch.ops.fastpred.*)
+from ..eig_map import EigMap
 from ..eigh_driver import EighDriver, Solver, device_driver
 
 __all__ = ["corr_ema_", "eigh", "rebuild", "supports", "eigh_driver", "built_with_cuda"]
@@ -126,13 +127,14 @@ def _syevd_batched_fake(a, w, info, work_device, work_host):
 
 
 # ------------------------------------------------------------------- rebuild
-def rebuild(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:
+def rebuild(s: Tensor, u: Tensor, eig_map: EigMap) -> Tensor:
     """W = U diag(p) U^T with p = eig_map(s) (Eq. 18): see :func:`reference.rebuild`.
 
     One triangle is multiplied (V V^T with V = U diag(sqrt p) when the map is
-    non-negative), the other mirrored: W is exactly symmetric.
+    non-negative), the other mirrored: W is exactly symmetric. The operator's schema
+    takes the map's settings as scalars (and checks ``eps_mode`` for direct callers).
     """
-    return _ops.rebuild(s, u, float(eps), float(power), eps_mode, float(min_eig))
+    return _ops.rebuild(s, u, eig_map.eps, eig_map.power, eig_map.eps_mode, eig_map.min_eig)
 
 
 @torch.library.register_fake("fastpred::rebuild")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..eig_map import EigMap
+
 
 def gram(x: Tensor) -> Tensor:
     """Sum of outer products ``x^T x`` in float32, ``(..., d, d)``.
@@ -57,37 +59,11 @@ def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh(corr)
 
 
-def eig_map(s: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:
-    """The eigenvalue map p = g(s) of Eq. 18, in both forms.
-
-    ``relative`` (the authors' ``boost_scale``, which produced the paper's tables):
-        p = (max(s, 0) / max_j s_j) ** power + eps, then p = max(p, min_eig).
-    ``absolute`` (Eq. 18 as printed, with power 1/2):
-        p = max(s, 0) ** power + eps * max_j s_j.
-
-    A matrix whose largest eigenvalue is not positive (F all zeros, say) maps to
-    ``p = max(eps, min_eig)`` everywhere in relative mode (W_p = that multiple of I)
-    and to ``p = 0`` in absolute mode: always finite.
-    """
-    s = s.clamp(min=0)
-    s_max = s.amax(dim=-1, keepdim=True)  # (..., 1)
-    if eps_mode == "relative":
-        # Where s_max == 0 every s is 0: divide by 1 instead of 0 to stay finite.
-        ratio = s / torch.where(s_max > 0, s_max, torch.ones_like(s_max))
-        return (ratio.pow(power) + eps).clamp(min=min_eig)
-    return s.pow(power) + eps * s_max
-
-
-def rebuild(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:
+def rebuild(s: Tensor, u: Tensor, eig_map: EigMap) -> Tensor:
     """W = U diag(p) U^T with p = eig_map(s): symmetric, shares F's eigenvectors (Eq. 18)."""
-    p = eig_map(s, eps, power, eps_mode, min_eig)
-    if nonnegative_map(eps, eps_mode, min_eig):
+    p = eig_map(s)
+    if eig_map.nonnegative:
         # p >= 0 is known without looking at it: W = V V^T with V = U diag(sqrt p).
         v = u * p.sqrt().unsqueeze(-2)  # (..., d, d)
         return v @ v.mT
     return (u * p.unsqueeze(-2)) @ u.mT
-
-
-def nonnegative_map(eps: float, eps_mode: str, min_eig: float) -> bool:
-    """Whether eig_map can only return p >= 0 for these settings (decided without data)."""
-    return min_eig >= 0 if eps_mode == "relative" else eps >= 0

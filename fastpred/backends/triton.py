@@ -17,6 +17,7 @@ import os
 import torch
 from torch import Tensor
 
+from ..eig_map import EigMap
 from ..kernels import triton_common, triton_corr, triton_rebuild  # noqa: F401  (registers the fastpred::triton_* ops)
 
 __all__ = ["supports", "prefers", "corr_ema_", "gram", "rebuild"]
@@ -87,9 +88,10 @@ def gram(x: Tensor) -> Tensor:
     return torch.ops.fastpred.triton_gram(x)
 
 
-def rebuild(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:
+def rebuild(s: Tensor, u: Tensor, eig_map: EigMap) -> Tensor:
     """``W = U diag(p) U^T``, ``p = eig_map(s)`` computed in the kernel (Eq. 18).
 
     As :func:`fastpred.backends.reference.rebuild`; the output is exactly symmetric.
+    The operator's schema takes the map's settings as scalars.
     """
-    return torch.ops.fastpred.triton_rebuild(s, u, float(eps), float(power), eps_mode, float(min_eig))
+    return torch.ops.fastpred.triton_rebuild(s, u, eig_map.eps, eig_map.power, eig_map.eps_mode, eig_map.min_eig)

@@ -1,8 +1,8 @@
 """Fused DirectPred rebuild in Triton (Eq. 18): ``W = U diag(p) U^T``, ``p = eig_map(s)``.
 
-The plain-torch reference is :func:`fastpred.backends.reference.rebuild` (with
-``eig_map``); ``tests/kernels/test_triton_rebuild.py`` holds this kernel against it
-and ``bench/bench_triton.py`` measures it.
+The plain-torch reference is :func:`fastpred.backends.reference.rebuild` (the map
+itself: :class:`fastpred.eig_map.EigMap`); ``tests/kernels/test_triton_rebuild.py``
+holds this kernel against it and ``bench/bench_triton.py`` measures it.
 
 How the kernel works:
 
@@ -10,7 +10,7 @@ How the kernel works:
   ``s``: no ``p`` tensor is written or read. Each program first reduces
   ``max(max_j s_j, 0)`` over its matrix's eigenvalues (``d`` floats, against the
   ``2 d block_d`` of U it reads anyway), so ``s`` need not be sorted.
-- Both eps modes of :func:`fastpred.backends.reference.eig_map`: ``relative``
+- Both eps modes of :class:`fastpred.eig_map.EigMap`: ``relative``
   ``p = max((max(s,0)/s_max) ** power + eps, min_eig)`` (divide by 1 when
   ``s_max <= 0``) and ``absolute`` ``p = max(s,0) ** power + eps * s_max``.
   ``power`` 1 and 1/2 are exact (identity, IEEE square root); other powers use
@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ..eig_map import EigMap
 from .triton_common import (
     MAX_DIM,
     TileConfig,
@@ -47,11 +48,8 @@ from .triton_common import (
     store_mirrored,
 )
 
-EPS_MODES = ("relative", "absolute")
-
-
 @triton.jit
-def eig_map(s, s_max, eps, power, min_eig, RELATIVE: tl.constexpr, POWER_KIND: tl.constexpr):
+def eig_map_block(s, s_max, eps, power, min_eig, RELATIVE: tl.constexpr, POWER_KIND: tl.constexpr):
     """Elementwise p = g(s) for a block of eigenvalues ``s`` given ``s_max = max(max_j s_j, 0)``.
 
     POWER_KIND: 1 for power 1, 2 for power 1/2, 0 for any other power.
@@ -127,7 +125,7 @@ def rebuild_kernel(
         k = k0 + ks
         k_ok = k < d
         s = tl.load(s_base + k * stride_sk, mask=k_ok, other=0.0)  # (BLOCK_K,)
-        p = eig_map(s, s_max, eps, power, min_eig, RELATIVE, POWER_KIND)  # finite where masked
+        p = eig_map_block(s, s_max, eps, power, min_eig, RELATIVE, POWER_KIND)  # finite where masked
         # (BLOCK_D, BLOCK_K): U[rows, k]; masked entries are 0, so padded k adds nothing.
         a = tl.load(
             u_base + rows[:, None] * stride_ur + k[None, :] * stride_uk,
@@ -153,22 +151,13 @@ def _power_kind(power: float) -> int:
     return 0
 
 
-def rebuild_launch(
-    s: Tensor,
-    u: Tensor,
-    eps: float,
-    power: float,
-    eps_mode: str,
-    min_eig: float,
-    config: TileConfig | None = None,
-) -> Tensor:
+def rebuild_launch(s: Tensor, u: Tensor, eig_map: EigMap, config: TileConfig | None = None) -> Tensor:
     """Check the inputs, allocate W and launch :func:`rebuild_kernel`.
 
     Args:
         s: float32 eigenvalues ``(..., d)`` (any order).
         u: float32 eigenvectors ``(..., d, d)``, column ``k`` for ``s[..., k]``.
-        eps, power, eps_mode, min_eig: the eigenvalue map (see
-            :func:`fastpred.backends.reference.eig_map`).
+        eig_map: the eigenvalue map (checked when it was made).
         config: launch configuration (default :func:`pick_config`).
 
     Returns:
@@ -186,10 +175,6 @@ def rebuild_launch(
         raise TypeError(f"s and u must be float32, got {s.dtype} and {u.dtype}")
     if s.device != u.device:
         raise ValueError(f"s is on {s.device} but u is on {u.device}")
-    if eps_mode not in EPS_MODES:
-        raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
-    if not power > 0:
-        raise ValueError(f"power must be > 0, got {power!r}")
 
     d = u.shape[-1]
     batch = math.prod(u.shape[:-2])
@@ -216,11 +201,11 @@ def rebuild_launch(
             w3.stride(0),
             w3.stride(1),
             w3.stride(2),
-            float(eps),
-            float(power),
-            float(min_eig),
-            RELATIVE=eps_mode == "relative",
-            POWER_KIND=_power_kind(power),
+            eig_map.eps,
+            eig_map.power,
+            eig_map.min_eig,
+            RELATIVE=eig_map.relative,
+            POWER_KIND=_power_kind(eig_map.power),
             BLOCK_D=config.block_d,
             BLOCK_K=config.block_k,
             INPUT_PRECISION=fp32_input_precision(),
@@ -236,5 +221,7 @@ def _rebuild_fake(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str,
 
 @define_op("fastpred::triton_rebuild", mutates_args=(), fake=_rebuild_fake)
 def triton_rebuild(s: Tensor, u: Tensor, eps: float, power: float, eps_mode: str, min_eig: float) -> Tensor:
-    """``W = U diag(eig_map(s)) U^T`` (Eq. 18), symmetric, ``(..., d, d)`` float32."""
-    return rebuild_launch(s, u, eps, power, eps_mode, min_eig)
+    """``W = U diag(eig_map(s)) U^T`` (Eq. 18), symmetric, ``(..., d, d)`` float32.
+
+    An operator's schema holds scalars: the map is made, and checked, here."""
+    return rebuild_launch(s, u, EigMap(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig))

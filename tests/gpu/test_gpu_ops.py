@@ -7,11 +7,13 @@ every eigenvalue-map mode; opcheck and torch.compile on CUDA tensors.
 import pytest
 import torch
 
+from fastpred.eig_map import EigMap
+
 pytestmark = pytest.mark.gpu
 
 SIZES = [(1, 1), (7, 3), (33, 77), (129, 512), (200, 33), (256, 512), (1000, 2000)]  # (d, N)
-MAPS = [(0.1, 0.5, "relative", 1e-4), (0.1, 0.5, "absolute", 1e-4), (0.0, 1.0, "relative", 1e-4),
-        (0.3, 0.7, "relative", -1.0)]
+MAPS = [EigMap(0.1, 0.5, "relative", 1e-4), EigMap(0.1, 0.5, "absolute", 1e-4), EigMap(0.0, 1.0, "relative", 1e-4),
+        EigMap(0.3, 0.7, "relative", -1.0)]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_corr_ema_cuda_first_update_overwrites_nan(csrc, batch):
 
 @pytest.mark.parametrize("d", [1, 7, 33, 129, 256, 1000])
 @pytest.mark.parametrize("batch", [(), (4,)])
-@pytest.mark.parametrize("mapping", MAPS, ids=lambda m: f"{m[2]}-p{m[1]}-min{m[3]}")
+@pytest.mark.parametrize("mapping", MAPS, ids=lambda m: f"{m.eps_mode}-p{m.power}-min{m.min_eig}")
 def test_rebuild_cuda_matches_reference(csrc, d, batch, mapping):
     from fastpred.backends import reference
 
@@ -84,8 +86,8 @@ def test_rebuild_cuda_matches_reference(csrc, d, batch, mapping):
         pytest.skip("large stacks: covered by the single-matrix case")
     s, u = torch.linalg.eigh(correlation(d, batch))
     s = s - 0.01 * s.amax(-1, keepdim=True)
-    got = csrc.rebuild(s, u, *mapping)
-    assert rel_err(got, reference.rebuild(s, u, *mapping)) < 2e-5
+    got = csrc.rebuild(s, u, mapping)
+    assert rel_err(got, reference.rebuild(s, u, mapping)) < 2e-5
     torch.testing.assert_close(got, got.mT, rtol=0, atol=0)
 
 
@@ -94,7 +96,7 @@ def test_rebuild_cuda_float64_and_row_major_u(csrc):
 
     s, u = torch.linalg.eigh(correlation(50).double())
     for uu in (u, u.contiguous()):
-        torch.testing.assert_close(csrc.rebuild(s, uu, *MAPS[0]), reference.rebuild(s, uu, *MAPS[0]))
+        torch.testing.assert_close(csrc.rebuild(s, uu, MAPS[0]), reference.rebuild(s, uu, MAPS[0]))
 
 
 def test_opcheck_cuda(csrc):
@@ -114,7 +116,7 @@ def test_torch_compile_cuda(csrc):
     def update(corr, x, w):
         csrc.corr_ema_(corr, x, w)
         s, u = torch.linalg.eigh(corr)
-        return csrc.rebuild(s, u, 0.1, 0.5, "relative", 1e-4)
+        return csrc.rebuild(s, u, EigMap())
 
     x, w = features(40, 16), torch.tensor(0.7, device="cuda")
     c1, c2 = correlation(16), correlation(16)
@@ -134,8 +136,7 @@ def test_batch_beyond_grid_z_limit(csrc):
     reference.corr_ema_(expected, x, 1.0)
     torch.testing.assert_close(corr, expected, rtol=1e-5, atol=1e-5)
     s, u = torch.linalg.eigh(expected)
-    torch.testing.assert_close(csrc.rebuild(s, u, 0.1, 0.5, "relative", 1e-4),
-                               reference.rebuild(s, u, 0.1, 0.5, "relative", 1e-4), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(csrc.rebuild(s, u, EigMap()), reference.rebuild(s, u, EigMap()), rtol=1e-4, atol=1e-5)
 
 
 def test_triton_offsets_beyond_int32_for_a_transposed_x():
@@ -161,7 +162,7 @@ def test_triton_launches_on_the_tensors_device():
     corr, expected = torch.zeros(40, 40, device="cuda:1"), torch.zeros(40, 40, device="cuda:1")
     with torch.cuda.device(0):
         tb.corr_ema_(corr, x, 1.0)
-        w = tb.rebuild(*torch.linalg.eigh(corr), 0.1, 0.5, "relative", 1e-4)
+        w = tb.rebuild(*torch.linalg.eigh(corr), EigMap())
     reference.corr_ema_(expected, x, 1.0)
     torch.testing.assert_close(corr, expected, rtol=1e-5, atol=1e-5)
     assert w.device == torch.device("cuda:1") and torch.isfinite(w).all()

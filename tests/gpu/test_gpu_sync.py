@@ -168,6 +168,7 @@ def test_warm_solver_makes_no_host_sync_at_steady_state():
     """The refresh decision of the warm solver travels through pinned memory, one call late."""
     from fastpred import functional as F
     from fastpred import solvers
+    from fastpred.eig_map import EigMap
 
     require_gpu_eigensolver("auto")
     corr = _correlation()
@@ -180,8 +181,7 @@ def test_warm_solver_makes_no_host_sync_at_steady_state():
     try:
         for k in range(3):
             corr = 0.999 * corr + 0.001 * _correlation(k + 2)
-            w, refreshed = solvers.warm_eigh_weight(
-                corr, state, lambda c: F.symmetric_eigh(c), eps=0.1, power=0.5, eps_mode="relative", min_eig=1e-4)
+            w, refreshed = solvers.warm_eigh_weight(corr, state, EigMap())
             assert not refreshed
     finally:
         torch.cuda.set_sync_debug_mode("default")

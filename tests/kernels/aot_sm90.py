@@ -67,6 +67,7 @@ class _Recorder:
 
 def record_launches() -> list[Launch]:
     """Every launch the two launchers make over the input grid (nothing runs)."""
+    from fastpred.eig_map import EigMap
     from fastpred.kernels import triton_corr, triton_rebuild
 
     launches: list[Launch] = []
@@ -92,7 +93,7 @@ def record_launches() -> list[Launch]:
                 u = torch.zeros(*batch, d, d)
                 if layout == "columns":
                     u = u.mT  # eigh's eigenvectors are column-major
-                triton_rebuild.rebuild_launch(torch.zeros(*batch, d), u, 0.1, power, mode, 1e-4)
+                triton_rebuild.rebuild_launch(torch.zeros(*batch, d), u, EigMap(0.1, power, mode, 1e-4))
     finally:
         triton_corr.wrap_triton, triton_rebuild.wrap_triton, precision = saved
         torch.set_float32_matmul_precision(precision)

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 from fastpred import backends  # noqa: E402
 from fastpred.backends import reference  # noqa: E402
 from fastpred.backends import triton as triton_backend  # noqa: E402
+from fastpred.eig_map import EigMap  # noqa: E402
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def run_steps(x_dtype):
     x = torch.zeros(4, 3, dtype=x_dtype)
     impl.gram(x)
     impl.corr_ema_(torch.zeros(3, 3), x, 0.5, None)
-    impl.rebuild(torch.zeros(3), torch.eye(3), 0.1, 0.5, "relative", 1e-4)
+    impl.rebuild(torch.zeros(3), torch.eye(3), EigMap())
 
 
 def test_fp32_at_highest_precision_goes_to_cublas(ran, precision):

@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 from fastpred import functional  # noqa: E402
 from fastpred.backends import reference, resolve  # noqa: E402
 from fastpred.backends import triton as tb  # noqa: E402
+from fastpred.eig_map import EigMap  # noqa: E402
 from fastpred.kernels import triton_common  # noqa: E402
 from fastpred.kernels.triton_common import TileConfig  # noqa: E402
 from fastpred.kernels.triton_rebuild import rebuild_launch  # noqa: E402
@@ -38,14 +39,14 @@ def eigenpairs(d, *batch, seed=0, shift=0.0):
     return s.to(DEVICE), u.to(DEVICE)
 
 
-# (eps, power, eps_mode, min_eig): the paper's map, DirectCopy (power 1), Eq. 18 as
-# printed, a general power, and maps that can go negative (no V V^T shortcut).
+# The paper's map, DirectCopy (power 1), Eq. 18 as printed, a general power, and maps
+# that can go negative (no V V^T shortcut).
 MAPS = {
-    "relative-sqrt": (0.1, 0.5, "relative", 1e-4),
-    "relative-copy": (0.3, 1.0, "relative", 1e-4),
-    "absolute-sqrt": (0.1, 0.5, "absolute", 1e-4),
-    "relative-power0.3-neg-min": (-0.5, 0.3, "relative", -1.0),
-    "absolute-power2-neg-eps": (-0.05, 2.0, "absolute", 0.0),
+    "relative-sqrt": EigMap(0.1, 0.5, "relative", 1e-4),
+    "relative-copy": EigMap(0.3, 1.0, "relative", 1e-4),
+    "absolute-sqrt": EigMap(0.1, 0.5, "absolute", 1e-4),
+    "relative-power0.3-neg-min": EigMap(-0.5, 0.3, "relative", -1.0),
+    "absolute-power2-neg-eps": EigMap(-0.05, 2.0, "absolute", 0.0),
 }
 
 # (d, map, shift): every dim; every map at least once; negative eigenvalues (clamped) too.
@@ -64,11 +65,11 @@ CASES = [
 @pytest.mark.parametrize("d, map_name, shift", CASES)
 def test_rebuild_matches_reference(d, map_name, shift):
     s, u = eigenpairs(d, shift=shift)
-    args = MAPS[map_name]
+    eig_map = MAPS[map_name]
 
-    w = tb.rebuild(s, u, *args)
+    w = tb.rebuild(s, u, eig_map)
 
-    torch.testing.assert_close(w, reference.rebuild(s, u, *args), **TOL)
+    torch.testing.assert_close(w, reference.rebuild(s, u, eig_map), **TOL)
     assert torch.equal(w, w.mT), "mirrored tiles must give an exactly symmetric W"
 
 
@@ -79,11 +80,11 @@ def test_eig_map_inside_kernel(map_name):
     g = torch.Generator().manual_seed(3)
     s = (torch.randn(d, generator=g) * 2).to(DEVICE)  # unsorted, some negative
     u = torch.eye(d, device=DEVICE)
-    args = MAPS[map_name]
+    eig_map = MAPS[map_name]
 
-    w = tb.rebuild(s, u, *args)
+    w = tb.rebuild(s, u, eig_map)
 
-    torch.testing.assert_close(w.diagonal(), reference.eig_map(s, *args), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.diagonal(), eig_map(s), rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(w - torch.diag(w.diagonal())) == 0
 
 
@@ -94,11 +95,13 @@ def test_all_zero_corr(eps_mode, expected_p):
     s, u = torch.linalg.eigh(torch.zeros(d, d))
     s, u = s.to(DEVICE), u.to(DEVICE)
 
-    w = tb.rebuild(s, u, 0.1, 0.5, eps_mode, 1e-4)
+    eig_map = EigMap(0.1, 0.5, eps_mode, 1e-4)
+
+    w = tb.rebuild(s, u, eig_map)
 
     assert torch.isfinite(w).all()
     torch.testing.assert_close(w, expected_p * torch.eye(d, device=DEVICE), **TOL)
-    torch.testing.assert_close(w, reference.rebuild(s, u, 0.1, 0.5, eps_mode, 1e-4), **TOL)
+    torch.testing.assert_close(w, reference.rebuild(s, u, eig_map), **TOL)
 
 
 def test_batched_unsorted_and_strided():
@@ -107,15 +110,15 @@ def test_batched_unsorted_and_strided():
     s, u = eigenpairs(d, 2, 3, shift=-0.1)
     perm = torch.randperm(d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     s, u = s[..., perm], u[..., perm]  # u now row-major (contiguous) after indexing
-    args = MAPS["relative-sqrt"]
+    eig_map = MAPS["relative-sqrt"]
 
-    w = tb.rebuild(s, u, *args)
-    w_t = tb.rebuild(s, u.mT.contiguous().mT, *args)  # same values, column-major
+    w = tb.rebuild(s, u, eig_map)
+    w_t = tb.rebuild(s, u.mT.contiguous().mT, eig_map)  # same values, column-major
 
     expected = torch.empty_like(w)
     for i in range(2):
         for j in range(3):
-            expected[i, j] = reference.rebuild(s[i, j], u[i, j], *args)
+            expected[i, j] = reference.rebuild(s[i, j], u[i, j], eig_map)
     torch.testing.assert_close(w, expected, **TOL)
     assert torch.equal(w, w_t)
     assert torch.equal(w, w.mT)
@@ -124,9 +127,9 @@ def test_batched_unsorted_and_strided():
 def test_small_tiles_many_programs():
     """16 x 16 tiles at d = 129: a 9 x 9 grid (45 programs), every element written."""
     s, u = eigenpairs(129)
-    args = MAPS["absolute-sqrt"]
-    w = rebuild_launch(s, u, *args, config=TileConfig(16, 16, 4, 2))
-    torch.testing.assert_close(w, reference.rebuild(s, u, *args), **TOL)
+    eig_map = MAPS["absolute-sqrt"]
+    w = rebuild_launch(s, u, eig_map, config=TileConfig(16, 16, 4, 2))
+    torch.testing.assert_close(w, reference.rebuild(s, u, eig_map), **TOL)
     assert torch.equal(w, w.mT)
 
 
@@ -142,10 +145,11 @@ def test_small_tiles_many_programs():
     ids=["s-shape", "u-not-square", "dtype", "eps-mode", "power"],
 )
 def test_bad_inputs_raise(s_shape, u_shape, dtype, eps_mode, power, error):
+    """At the operator, which direct callers reach with scalars."""
     s = torch.zeros(s_shape, dtype=dtype, device=DEVICE)
     u = torch.zeros(u_shape, dtype=dtype, device=DEVICE)
     with pytest.raises(error):
-        tb.rebuild(s, u, 0.1, power, eps_mode, 1e-4)
+        torch.ops.fastpred.triton_rebuild(s, u, 0.1, power, eps_mode, 1e-4)
 
 
 def test_directpred_weight_through_dispatch():
@@ -162,16 +166,16 @@ def test_directpred_weight_through_dispatch():
 
 def test_opcheck():
     s, u = eigenpairs(7)
-    for args in MAPS.values():
-        torch.library.opcheck(torch.ops.fastpred.triton_rebuild.default, (s, u, *args))
+    for m in MAPS.values():
+        torch.library.opcheck(torch.ops.fastpred.triton_rebuild.default, (s, u, m.eps, m.power, m.eps_mode, m.min_eig))
 
 
 def test_torch_compile_fullgraph():
     s, u = eigenpairs(7)
-    args = MAPS["relative-sqrt"]
+    eig_map = MAPS["relative-sqrt"]
 
     def predict(features, s, u):
-        return features @ tb.rebuild(s, u, *args)
+        return features @ tb.rebuild(s, u, eig_map)
 
     compiled = torch.compile(predict, backend="aot_eager", fullgraph=True)
     f = torch.randn(5, 7, device=DEVICE)
@@ -188,14 +192,14 @@ def test_torch_compile_fullgraph():
 def test_gpu_large_batched(precision, tol):
     """1024-wide (large config) batched rebuild; TF32 tolerance when matmuls may use it."""
     s, u = eigenpairs(1024, 2)
-    args = MAPS["relative-sqrt"]
+    eig_map = MAPS["relative-sqrt"]
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        expected = reference.rebuild(s, u, *args)
+        expected = reference.rebuild(s, u, eig_map)
         torch.set_float32_matmul_precision(precision)
-        w = tb.rebuild(s, u, *args)
-        again = tb.rebuild(s, u, *args)
+        w = tb.rebuild(s, u, eig_map)
+        again = tb.rebuild(s, u, eig_map)
     finally:
         torch.set_float32_matmul_precision(previous)
     torch.testing.assert_close(w, expected, **tol)
@@ -210,8 +214,8 @@ def test_nan_eigenvalue_gives_nan_weight_like_the_reference(eps_mode):
     d = 40
     s, u = torch.linalg.eigh(torch.eye(d) + 0.01 * torch.ones(d, d))
     s[3] = float("nan")
-    args = (0.1, 0.5, eps_mode, 1e-4)
-    expected = reference.rebuild(s, u, *args)
-    w = rebuild_launch(s.to(DEVICE), u.to(DEVICE), *args)
+    eig_map = EigMap(0.1, 0.5, eps_mode, 1e-4)
+    expected = reference.rebuild(s, u, eig_map)
+    w = rebuild_launch(s.to(DEVICE), u.to(DEVICE), eig_map)
     assert not torch.isfinite(expected).all()
     assert torch.equal(torch.isnan(w).cpu(), torch.isnan(expected))

@@ -1,0 +1,54 @@
+"""The eigendecomposition of F with the fallbacks a long run needs, and its one error.
+
+Used by :func:`fastpred.functional.directpred_weight` and by the warm solver
+(:mod:`fastpred.solvers`), each with the backend it was given.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .backends import reference
+
+
+class EighError(RuntimeError):
+    """The eigendecomposition failed, in float32 and again in float64 with jitter."""
+
+
+def symmetric_eigh(corr: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric matrix with the fallbacks a long run needs.
+
+    The backend's solver first; if it fails (or, on CPU, returns non-finite
+    eigenvalues), the reference in float64; if that fails, float64 again with a jitter
+    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are float32.
+
+    Raises:
+        EighError: all three attempts failed.
+    """
+    impl = backends.resolve(backend, corr.device)
+    attempts = [lambda: impl.eigh(corr), lambda: reference.eigh(corr.double())]
+
+    def jittered():
+        c = corr.double()
+        d = c.shape[-1]
+        scale = c.diagonal(dim1=-2, dim2=-1).abs().sum(-1) / d + 1e-12  # (...)
+        eye = torch.eye(d, dtype=c.dtype, device=c.device)
+        return reference.eigh(c + 1e-6 * scale[..., None, None] * eye)
+
+    attempts.append(jittered)
+    errors = []
+    for attempt in attempts:
+        try:
+            s, u = attempt()
+        except (RuntimeError, torch.linalg.LinAlgError) as err:  # LinAlgError, cuSOLVER errors
+            errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            continue
+        # A host check is free on CPU; GPU solvers report failures themselves. A
+        # solver that went wrong leaves NaN in the eigenvalues too: checking the d of
+        # them costs far less than the d^2 eigenvector entries.
+        if s.device.type == "cpu" and not torch.isfinite(s).all():
+            errors.append("non-finite eigenvalues")
+            continue
+        return s.float(), u.float()
+    raise EighError("eigendecomposition failed: " + "; ".join(errors))
