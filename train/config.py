@@ -34,8 +34,9 @@ DEFAULT_PRESET = "digits"
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | stl10 | imagefolder
+    name: str = "digits"  # digits | fashion_mnist | cifar10 | stl10 | imagefolder
     root: str = ""  # dataset folder (unused by digits, which ships with scikit-learn)
+    train_subset: int = 0  # fashion_mnist: >0 keeps a fixed class-balanced subset of the train split
     image_size: int = 8  # side of the training crops and of the evaluation centre crop
     workers: int = 0  # DataLoader worker processes per rank
 
@@ -57,7 +58,7 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet_small"  # resnet_small | resnet18 | resnet50
+    arch: str = "resnet_small"  # resnet_small | resnet_mini | resnet18 | resnet50
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool (small images)
     proj_hidden: int = 256  # projector MLP: Linear-BN-ReLU-Linear
     proj_dim: int = 64

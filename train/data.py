@@ -1,6 +1,7 @@
 """Datasets, the resumable sampler and the loaders.
 
-Built in: scikit-learn's handwritten digits (real 8x8 images, no download). From a local folder,
+Built in: scikit-learn's handwritten digits (real 8x8 images, no download). Fashion-MNIST from its
+IDX files (:mod:`train.fashion_mnist`; Debian's package by default). From a local folder,
 never downloaded: CIFAR-10 and STL-10 in torchvision's on-disk format (``cifar-10-batches-py/``,
 ``stl10_binary/``), and any ImageFolder tree with ``train/`` and ``val/`` (ImageNet).
 """
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, tv_tensors
 
+from . import fashion_mnist
 from .config import DataConfig
 from .utils import warn
 
@@ -39,6 +41,7 @@ class DataSpec:
 
 SPECS = {
     "digits": DataSpec((0.3053,), (0.3760,), 10, 1),
+    "fashion_mnist": DataSpec((0.2860,), (0.3530,), 10, 1),
     "cifar10": DataSpec((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, 3),
     "stl10": DataSpec((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10, 3),
     "imagefolder": DataSpec((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, 3, 256 / 224),
@@ -148,6 +151,9 @@ def check_data(cfg: DataConfig) -> None:
     spec(cfg)
     if cfg.name == "digits":
         return
+    if cfg.name == "fashion_mnist":  # the Debian folder by default; explains how to get the files
+        fashion_mnist.find_files(cfg.root)
+        return
     if not cfg.root:
         raise FileNotFoundError(f"data.name={cfg.name!r} needs data.root=<folder> (nothing is downloaded)")
     if not Path(cfg.root).is_dir():
@@ -163,6 +169,9 @@ def raw_dataset(cfg: DataConfig, split: str) -> Dataset:
     check_data(cfg)
     if cfg.name == "digits":
         return Digits("test" if split == "test" else "train")
+    if cfg.name == "fashion_mnist":
+        return (fashion_mnist.FashionMNIST(cfg.root, "test") if split == "test"
+                else fashion_mnist.FashionMNIST(cfg.root, "train", cfg.train_subset))
     if cfg.name == "cifar10":
         return CIFAR10Folder(cfg.root, "test" if split == "test" else "train")
     if cfg.name == "stl10":
