@@ -109,3 +109,17 @@ def test_resnet_mini_output():
     net, dim = build_backbone("resnet_mini", 1, False)
     assert dim == 64 and net(torch.zeros(2, 1, 28, 28)).shape == (2, 64)
     assert net.stem[0].stride == (2, 2)  # 28 -> 14 at the stem
+
+
+def test_preset_trains_and_evaluates_on_a_fake_root(tmp_path, run_pretrain):
+    from train import linear_eval
+
+    fake_fashion(tmp_path / "data", n_train=40)
+    small = [f"data.root={tmp_path / 'data'}", "data.train_subset=0", "epochs=1", "batch_size=20",
+             "monitor.knn_k=3", "eval.epochs=1", "eval.lr_grid=[0.1]"]
+    final = run_pretrain(tmp_path / "run", "fashion_mnist", *small)
+    assert "knn_top1" in final and "erank" in final
+    res = linear_eval.main(tmp_path / "run" / "last.pt")
+    assert 0 <= res["learned"]["top1"] <= 100 and res["learned"]["erank"] >= 1
+    ref = linear_eval.main_reference(load_config("fashion_mnist", small), "raw_pixels", tmp_path / "ref")
+    assert ref["raw_pixels"]["erank"] > 1 and (tmp_path / "ref" / "linear_eval.json").exists()
