@@ -166,7 +166,11 @@ def check_unchanged(grid: Grid, state: dict) -> None:
         if row.reference != rec.get("reference", ""):
             problems.append(f"row {row.name!r}: reference {rec.get('reference', '')!r} -> {row.reference!r}")
         now = run_config(grid, row, rec["seed"])
-        changed = diff(from_dict(rec["config"]), from_dict(now))
+        try:
+            changed = diff(from_dict(rec["config"]), from_dict(now))
+        except (ValueError, TypeError) as e:  # recorded by a trainer with other keys
+            problems.append(f"{key}: its recorded configuration no longer loads ({e})")
+            continue
         if changed:
             problems.append(f"{key}: " + ", ".join(f"{k} {_get(rec['config'], k)!r} -> {_get(now, k)!r}" for k in changed))
     if problems:
@@ -296,7 +300,8 @@ def verdict(grid: Grid, state: dict, row: Row) -> tuple[str, str]:
     kind, target = next(iter(row.expect.items()))
     mean, std, n = stats(row_values(state, row))
     if n == 0:
-        return "", "pending"
+        failed = sum(1 for r in state["runs"].values() if r["row"] == row.name and r.get("error"))
+        return "", f"no finished run ({failed} failed)" if failed else "pending"
     if kind in ("collapses", "learns"):
         ref = next((r for r in grid.rows if r.reference == "random_init"), None)
         if ref is None:
@@ -385,7 +390,7 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
     errors = [(k, r["error"]) for k, r in state["runs"].items() if r.get("error")]
     if errors:
         lines += ["", "Failed runs (recorded, not retried):", ""] + [f"- `{k}`: {e}" for k, e in errors]
-    lines += ["", f"![linear top-1 per row]({out.name and 'study.png'})", "",
+    lines += ["", "![linear top-1 per row](study.png)", "",
               "Per-run figures (config, seed, every metric, wall time): `study.json`."]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     plot(grid, state, out / "study.png")
