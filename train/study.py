@@ -63,6 +63,7 @@ class Grid:
     preset: str
     seeds: int
     rows: tuple[Row, ...]
+    notes: str = ""  # free text printed at the top of study.md (e.g. how the preset was calibrated)
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -92,9 +93,9 @@ def load_grid(name_or_path: str) -> Grid:
     d = yaml.safe_load(path.read_text()) or {}
     if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
         raise ConfigError(f"grid {path}: expected a mapping with a non-empty list 'rows'")
-    unknown = set(d) - {"preset", "seeds", "rows"}
+    unknown = set(d) - {"preset", "seeds", "rows", "notes"}
     if unknown:
-        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, rows)")
+        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, rows, notes)")
     rows, names = [], set()
     for i, r in enumerate(d["rows"]):
         if not isinstance(r, dict) or not r.get("name"):
@@ -122,7 +123,7 @@ def load_grid(name_or_path: str) -> Grid:
             if kind in ("above", "below", "similar_to") and target not in names:
                 raise ConfigError(f"grid {path}: row {row.name!r}: expect {kind}: {target!r} is not a row")
     grid = Grid(name=path.stem, preset=str(d.get("preset", "")) or "digits", seeds=int(d.get("seeds", 3)),
-                rows=tuple(rows))
+                rows=tuple(rows), notes=str(d.get("notes", "")).strip())
     for row in rows:
         run_config(grid, row, 0)  # raises ConfigError naming a bad key
     return grid
@@ -371,6 +372,7 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
              f"eps {cfg.predictor.eps}. Linear evaluation: frozen backbone, cached centre-crop features, "
              f"{cfg.eval.epochs} epochs, lr chosen from {list(cfg.eval.lr_grid)} on {cfg.eval.val_fraction:.0%} "
              "of the training images held out, test on the 10 000 test images.", "",
+             *([grid.notes, ""] if grid.notes else []),
              "Verdicts: the paper's direction (column *paper says*) checked here on the mean linear top-1. "
              "*within noise*: the difference is no larger than the larger standard deviation of the two rows. "
              "*collapses* / *learns* are read against the random-init network; an effective rank below "
@@ -416,7 +418,8 @@ def plot(grid: Grid, state: dict, path: Path) -> None:
         if row.reference:
             ax.axvline(stats(row_values(state, row))[0], ls="--", lw=0.8, color="0.4")
     lo = min(min(row_values(state, r)) for r in rows)
-    ax.set_xlim(max(0.0, lo - 5), 100)
+    hi = max(max(row_values(state, r)) for r in rows)
+    ax.set_xlim(max(0.0, lo - 5), min(100.0, hi + 3))
     ax.set_yticks(range(len(rows)), [r.name for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("linear top-1 (%) on the test set, mean ± std over seeds (dots: seeds)")

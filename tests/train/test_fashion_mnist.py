@@ -123,3 +123,12 @@ def test_preset_trains_and_evaluates_on_a_fake_root(tmp_path, run_pretrain):
     assert 0 <= res["learned"]["top1"] <= 100 and res["learned"]["erank"] >= 1
     ref = linear_eval.main_reference(load_config("fashion_mnist", small), "raw_pixels", tmp_path / "ref")
     assert ref["raw_pixels"]["erank"] > 1 and (tmp_path / "ref" / "linear_eval.json").exists()
+
+
+def test_default_root_is_the_debian_folder(tmp_path, monkeypatch):
+    fake_fashion(tmp_path)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_ROOT", tmp_path)
+    assert fashion_mnist.find_files("")["test"][0] == tmp_path / "t10k-images-idx3-ubyte.gz"
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_ROOT", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match=r"no data.root given and .*absent does not exist.*apt-get install"):
+        fashion_mnist.find_files("")
