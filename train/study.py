@@ -469,17 +469,24 @@ def main(grid_name: str, out: str | Path, seeds: int | None = None) -> dict:
     write_report(grid, state, out, seeds, command)
     for i, (row, seed) in enumerate(todo):
         key = run_key(row, seed)
+        run_dir = out / "runs" / row.name / f"seed{seed}"
+        spent = run_dir / "wall_s_before_stop.txt"  # time spent by earlier, interrupted attempts
+        earlier = float(spent.read_text()) if spent.exists() else 0.0
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"row": row.name, "seed": seed, "reference": row.reference, "set": list(row.set),
                                "config": run_config(grid, row, seed)}
         try:
-            rec["metrics"] = execute(grid, row, seed, out / "runs" / row.name / f"seed{seed}", runner)
+            rec["metrics"] = execute(grid, row, seed, run_dir, runner)
         except Stop:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            spent.write_text(str(earlier + time.perf_counter() - t0))
             print(f"stopped before finishing {key}; re-run the same command to continue", flush=True)
             break
         except RuntimeError as e:  # the run itself failed (e.g. diverged): a result, recorded
             rec["error"] = str(e)
-        rec["wall_s"] = time.perf_counter() - t0
+        rec["wall_s"] = earlier + time.perf_counter() - t0
+        if earlier:
+            rec["resumed"] = True
         rec["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         state["runs"][key] = rec
         save_state(out, state)

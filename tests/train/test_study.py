@@ -48,7 +48,7 @@ def test_tiny_study_runs_resumes_and_refuses_a_changed_grid(tmp_path, monkeypatc
     assert proc.returncode == 0, text
     assert "stopped before finishing dp/seed0" in text
     state = json.loads((out / "study.json").read_text())
-    assert state["runs"] == {}
+    assert state["runs"] == {} and float((log.parent / "wall_s_before_stop.txt").read_text()) > 0
 
     # the same command continues and finishes both runs
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -57,7 +57,7 @@ def test_tiny_study_runs_resumes_and_refuses_a_changed_grid(tmp_path, monkeypatc
     state = json.loads((out / "study.json").read_text())
     assert sorted(state["runs"]) == ["dp/seed0", "pixels/seed0"]
     dp = state["runs"]["dp/seed0"]
-    assert dp["config"]["optim"]["lr"] == 0.05 and dp["config"]["seed"] == 0 and dp["wall_s"] > 0
+    assert dp["config"]["optim"]["lr"] == 0.05 and dp["config"]["seed"] == 0 and dp["wall_s"] > 0 and dp["resumed"]
     assert 0 <= dp["metrics"]["linear_top1"] <= 100 and dp["metrics"]["erank"] >= 1 and "knn_top1" in dp["metrics"]
     assert state["runs"]["pixels/seed0"]["metrics"]["erank"] > 1
     md = (out / "study.md").read_text()
