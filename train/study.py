@@ -38,7 +38,8 @@ import yaml
 
 from .config import ConfigError, diff, from_dict, load_config, to_dict
 
-GRID_DIR = Path(__file__).resolve().parent / "configs" / "grids"
+CHECKOUT = Path(__file__).resolve().parents[1]
+GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
 REFERENCES = ("random_init", "raw_pixels")
 EXPECT_KINDS = ("above", "below", "similar_to", "collapses", "learns")
 COLLAPSE_ERANK = 2.0  # effective rank below this: the features collapsed (monitor.collapse_erank)
@@ -226,6 +227,8 @@ class Runner:
             raise Stop()
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
+        # the subprocesses import this checkout's train/ and fastpred/, whatever the working directory
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()

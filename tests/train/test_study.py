@@ -33,10 +33,10 @@ def _log_lines(out: Path, row: str) -> int:
 
 
 def test_tiny_study_runs_resumes_and_refuses_a_changed_grid(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the subprocesses import this checkout's train/
+    monkeypatch.chdir(tmp_path)  # the subprocesses still import this checkout's train/ (PYTHONPATH)
     grid, out = write_grid(tmp_path / "tiny.yaml"), tmp_path / "study"
     cmd = [sys.executable, "-m", "train.study", "--grid", str(grid), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # for the study process itself
     # kill the study while its first run (pre-training) is under way: nothing is recorded for it
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = out / "runs" / "dp" / "seed0" / "log.txt"
