@@ -300,7 +300,7 @@ def verdict(grid: Grid, state: dict, row: Row) -> tuple[str, str]:
     ``collapses`` / ``learns`` compare with the ``random_init`` reference row (a network that learned
     nothing useful reads like one at random init) and count an effective rank below 2 as collapse."""
     if not row.expect:
-        return "", ""
+        return "", "" if row.reference else "no claim in the paper"
     kind, target = next(iter(row.expect.items()))
     mean, std, n = stats(row_values(state, row))
     if n == 0:
@@ -379,8 +379,10 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
              "Verdicts: the paper's direction (column *paper says*) checked here on the mean linear top-1. "
              "*within noise*: the difference is no larger than the larger standard deviation of the two rows. "
              "*collapses* / *learns* are read against the random-init network; an effective rank below "
-             f"{COLLAPSE_ERANK:g} counts as collapse. Paper numbers are STL-10, ResNet-18, 100 epochs, 5 seeds "
-             "unless noted: only their direction is comparable.", "",
+             f"{COLLAPSE_ERANK:g} counts as collapse. *eff. rank*: effective rank (Roy & Vetterli 2007) of the "
+             "backbone features of the training images the linear classifier sees; *kNN*: the trainer's "
+             "weighted kNN monitor at the end of pre-training. Paper numbers are STL-10, ResNet-18, 100 epochs, "
+             "5 seeds unless noted: only their direction is comparable.", "",
              "| row | setting | n | linear top-1 (%) | eff. rank | kNN top-1 (%) | paper | paper says | here | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in grid.rows:
@@ -392,6 +394,12 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
         n = f"{top[2]}" + (f" (+{failed} failed)" if failed else "")
         lines.append(f"| {row.name} | {row.what} | {n} | {_fmt(*top)} | {_fmt(*er, digits=1)} | "
                      f"{_fmt(*knn) if knn[2] else '—'} | {row.paper} | {direction_text(row)} | {shown} | {v} |")
+    counts: dict[str, int] = {}
+    for row in grid.rows:
+        v = verdict(grid, state, row)[1].split(" (")[0]
+        if v:
+            counts[v] = counts.get(v, 0) + 1
+    lines += ["", "Verdicts so far: " + ", ".join(f"{v} {n}" for v, n in counts.items()) + "."]
     errors = [(k, r["error"]) for k, r in state["runs"].items() if r.get("error")]
     if errors:
         lines += ["", "Failed runs (recorded, not retried):", ""] + [f"- `{k}`: {e}" for k, e in errors]
