@@ -149,6 +149,8 @@ def _required_files(cfg: DataConfig) -> list[Path]:
 def check_data(cfg: DataConfig) -> None:
     """Fail at start, naming ``data.root`` and what is missing."""
     spec(cfg)
+    if cfg.train_subset and cfg.name != "fashion_mnist":
+        raise ValueError(f"data.train_subset={cfg.train_subset} applies to data.name='fashion_mnist' only")
     if cfg.name == "digits":
         return
     if cfg.name == "fashion_mnist":  # the Debian folder by default; explains how to get the files

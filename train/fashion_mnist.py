@@ -113,6 +113,8 @@ class FashionMNIST(Dataset):
     def __init__(self, root: str, split: str, subset: int = 0):
         if split not in FILES:
             raise ValueError(f"split={split!r}: expected train or test")
+        if subset < 0:
+            raise ValueError(f"data.train_subset={subset}: expected 0 (all images) or a positive count")
         images_path, labels_path = find_files(root)[split]
         images = read_idx(images_path, IMAGES_MAGIC)
         labels = read_idx(labels_path, LABELS_MAGIC)

@@ -132,3 +132,12 @@ def test_default_root_is_the_debian_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, "DEBIAN_ROOT", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match=r"no data.root given and .*absent does not exist.*apt-get install"):
         fashion_mnist.find_files("")
+
+
+def test_train_subset_is_checked(tmp_path):
+    fake_fashion(tmp_path)
+    with pytest.raises(ValueError, match="data.train_subset=-1"):
+        fashion_mnist.FashionMNIST(str(tmp_path), "train", -1)
+    cfg = load_config(None, ["data.train_subset=100"])  # digits
+    with pytest.raises(ConfigError, match="applies to data.name='fashion_mnist' only"):
+        pretrain_main(cfg, tmp_path / "out")
