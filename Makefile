@@ -48,3 +48,20 @@ gpu-check: $(GPU_CHECK_DEPS)
 
 clean:
 	rm -rf build *.egg-info fastpred/*.so $(STAMP)
+
+# Fashion-MNIST (the fashion_mnist preset, the study): Debian's package dataset-fashion-mnist,
+# installed when missing and apt-get is usable; otherwise how to get the files.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+.PHONY: data
+data:
+	@if [ -f $(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "data: Fashion-MNIST is in $(FASHION_MNIST)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y dataset-fashion-mnist || { apt-get update && apt-get install -y dataset-fashion-mnist; }; \
+	else \
+		echo "data: $(FASHION_MNIST) is missing and apt-get cannot be used here (needs root)."; \
+		echo "  Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist"; \
+		echo "  elsewhere: put {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] in a folder and run with"; \
+		echo "  data.root=<folder> (torchvision's FashionMNIST(root, download=True) layout root/FashionMNIST/raw/ works too)"; \
+		exit 1; \
+	fi

@@ -35,8 +35,9 @@ DEFAULT_PRESET = "digits"
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | stl10 | imagefolder
+    name: str = "digits"  # digits | fashion_mnist | cifar10 | stl10 | imagefolder
     root: str = ""  # dataset folder (unused by digits, which ships with scikit-learn)
+    train_subset: int = 0  # fashion_mnist: >0 keeps a fixed class-balanced subset of the train split
     image_size: int = 8  # side of the training crops and of the evaluation centre crop
     workers: int = 0  # DataLoader worker processes per rank
     download: bool = False  # cifar10 / stl10: torchvision downloads what data.root lacks (needs a network)
@@ -60,7 +61,7 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet_small"  # resnet_small | resnet18 | resnet50
+    arch: str = "resnet_small"  # resnet_small | resnet_mini | resnet18 | resnet50
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool (small images)
     proj_hidden: int = 256  # projector MLP: Linear-BN-ReLU-Linear
     proj_dim: int = 64
@@ -195,7 +196,7 @@ BELOW_1 = Range(0, 1, hi_open=True)
 
 RANGES: dict[str, Range] = {
     "epochs": AT_LEAST_1, "seed": NON_NEGATIVE, "batch_size": AT_LEAST_1, "log_every": AT_LEAST_1,
-    "data.image_size": AT_LEAST_1, "data.workers": NON_NEGATIVE,
+    "data.image_size": AT_LEAST_1, "data.workers": NON_NEGATIVE, "data.train_subset": NON_NEGATIVE,
     "aug.crop_scale": Range(0, 1, lo_open=True), "aug.flip": PROBABILITY, "aug.jitter": NON_NEGATIVE,
     "aug.jitter_p": PROBABILITY, "aug.gray_p": PROBABILITY, "aug.blur_p": PROBABILITY,
     "aug.blur_kernel": POSITIVE, "aug.solarize_p": PROBABILITY,

@@ -1,11 +1,13 @@
 """Datasets, the resumable sampler and the loaders.
 
-Built in: scikit-learn's handwritten digits (real 8x8 images, no download). From ``data.root``:
+Built in: scikit-learn's handwritten digits (real 8x8 images, no download). Fashion-MNIST from its
+IDX files (:mod:`train.fashion_mnist`; Debian's package by default). From ``data.root``:
 CIFAR-10 and STL-10 in torchvision's on-disk format (``cifar-10-batches-py/``, ``stl10_binary/``;
-with ``data.download=true`` torchvision fetches what is missing), an ImageFolder tree with
-``train/`` and ``val/`` (ImageNet), or a folder with ``train/`` alone: its images, at any depth,
-are pre-trained on without labels, with kNN monitoring and linear evaluation on the labelled
-ImageFolder ``data.eval_root`` when one is given, and only the effective rank otherwise.
+with ``data.download=true`` torchvision fetches what is missing, Fashion-MNIST too), an
+ImageFolder tree with ``train/`` and ``val/`` (ImageNet), or a folder with ``train/`` alone: its
+images, at any depth, are pre-trained on without labels, with kNN monitoring and linear evaluation
+on the labelled ImageFolder ``data.eval_root`` when one is given, and only the effective rank
+otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import datasets, tv_tensors
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 
+from . import fashion_mnist
 from .config import Config, ConfigError, DataConfig
 from .utils import log, warn
 
@@ -47,6 +50,7 @@ class DataSpec:
 
 SPECS = {
     "digits": DataSpec((0.3053,), (0.3760,), 10, 1),
+    "fashion_mnist": DataSpec((0.2860,), (0.3530,), 10, 1),
     "cifar10": DataSpec((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 10, 3),
     "stl10": DataSpec((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 10, 3),
     "imagefolder": DataSpec((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, 3, 256 / 224),
@@ -171,6 +175,7 @@ def has_labels(cfg: DataConfig) -> bool:
 DOWNLOADS: dict[str, Callable[[str], Any]] = {
     "cifar10": lambda root: datasets.CIFAR10(root, train=True, download=True),
     "stl10": lambda root: datasets.STL10(root, split="train", download=True),
+    "fashion_mnist": lambda root: datasets.FashionMNIST(root, train=True, download=True),  # all four files
 }
 
 
@@ -216,6 +221,8 @@ def _required_files(cfg: DataConfig) -> list[Path]:
         return [root / "cifar-10-batches-py" / n for n in CIFAR10Folder.FILES["train"] + CIFAR10Folder.FILES["test"]]
     if cfg.name == "stl10":
         return [root / "stl10_binary" / f"{n}.bin" for n in ("train_X", "train_y", "test_X", "test_y", "unlabeled_X")]
+    if cfg.name == "fashion_mnist":  # torchvision's download layout (the reader also takes the files in root)
+        return [root / "FashionMNIST" / "raw" / n for names in fashion_mnist.FILES.values() for n in names]
     if cfg.name == "imagefolder":
         labelled = [Path(cfg.eval_root) / "train", Path(cfg.eval_root) / "val"] if cfg.eval_root else []
         return [root / "train"] + labelled
@@ -236,7 +243,18 @@ def check_data(cfg: DataConfig) -> None:
     if cfg.download and cfg.name not in DOWNLOADS and cfg.name != "digits":
         raise ConfigError(f"data.download=true: torchvision cannot download data.name={cfg.name!r} "
                           f"(downloadable: {', '.join(DOWNLOADS)})")
+    if cfg.train_subset and cfg.name != "fashion_mnist":
+        raise ValueError(f"data.train_subset={cfg.train_subset} applies to data.name='fashion_mnist' only")
     if cfg.name == "digits":
+        return
+    if cfg.name == "fashion_mnist":  # the Debian folder by default; explains how to get the files
+        try:
+            fashion_mnist.find_files(cfg.root)
+        except FileNotFoundError:
+            if not (cfg.download and cfg.root):
+                raise
+            download(cfg)  # into torchvision's FashionMNIST/raw/, which the reader also takes
+            fashion_mnist.find_files(cfg.root)
         return
     if not cfg.root:
         hint = ""
@@ -259,6 +277,9 @@ def raw_dataset(cfg: DataConfig, split: str) -> Dataset:
     check_data(cfg)
     if cfg.name == "digits":
         return Digits("test" if split == "test" else "train")
+    if cfg.name == "fashion_mnist":
+        return (fashion_mnist.FashionMNIST(cfg.root, "test") if split == "test"
+                else fashion_mnist.FashionMNIST(cfg.root, "train", cfg.train_subset))
     if cfg.name == "cifar10":
         return CIFAR10Folder(cfg.root, "test" if split == "test" else "train")
     if cfg.name == "stl10":

@@ -14,6 +14,13 @@ the best is then retrained on the whole training set and evaluated once on the t
 
 ``--random-init-baseline`` also evaluates the same network at its random initialisation (the
 pre-training seed rebuilds exactly the weights training started from) and prints both.
+
+Reference rows without any checkpoint (what every learned number must be read against):
+
+    python -m train.linear_eval --config fashion_mnist --reference random_init|raw_pixels --out DIR [seed=K ...]
+
+``random_init``: the preset's network initialised from ``seed``; ``raw_pixels``: the normalised
+pixels themselves, flattened. Results also carry the effective rank of the training features.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, monitor
 from .augment import eval_transform, linear_train_transform
-from .config import Config, ConfigError, EvalConfig, from_dict, parse_override, set_key, validate
+from .config import Config, ConfigError, EvalConfig, from_dict, load_config, parse_override, set_key, validate
 from .model import build_model
 from .utils import DistInfo, MetricsLog, cleanup_distributed, init_distributed, log
 
@@ -138,7 +145,7 @@ class Evaluator:
             f"({time.perf_counter() - t0:.1f}s)")
         with torch.no_grad():
             res = topk(head(test_f), test_y)
-        res.update(lr=best, val_top1={str(k): v for k, v in scores.items()})
+        res.update(lr=best, val_top1={str(k): v for k, v in scores.items()}, erank=monitor.effective_rank(train_f))
         return res
 
     def _fit(self, backbone, train_f, train_y, idx: torch.Tensor, lr: float, dim: int, desc: str) -> nn.Module:
@@ -224,6 +231,39 @@ def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool
         cleanup_distributed()
 
 
+REFERENCES = ("random_init", "raw_pixels")
+
+
+def main_reference(cfg: Config, kind: str, out: str | Path) -> dict:
+    """Linear evaluation without pre-training (``kind``: random_init | raw_pixels) into
+    ``out/linear_eval.json`` as ``{"reference": kind, kind: results}``."""
+    try:
+        if kind not in REFERENCES:
+            raise ValueError(f"--reference {kind!r}: expected one of {', '.join(REFERENCES)}")
+        data.check_data(cfg.data)
+        if not cfg.eval.lr_grid:
+            raise ValueError("eval.lr_grid is empty")
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e
+    info = init_distributed(cfg.device)
+    try:
+        ev = Evaluator(cfg, info)
+        if kind == "random_init":
+            backbone = load_backbone(cfg, None, data.spec(cfg.data).channels, info.device)
+        else:
+            backbone = nn.Flatten()  # (N, C*H*W) normalised pixels
+        results = {"reference": kind, "seed": cfg.seed, kind: ev.run(backbone)}
+        r = results[kind]
+        log(f"linear evaluation of {kind.replace('_', ' ')} ({cfg.data.name}, seed {cfg.seed}), test set: "
+            f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  lr {r['lr']:g}")
+        if info.is_main:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "linear_eval.json").write_text(json.dumps(results, indent=2))
+        return results
+    finally:
+        cleanup_distributed()
+
+
 def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -240,7 +280,10 @@ def report(results: dict) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Linear evaluation of a pre-trained backbone")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.pretrain (e.g. runs/digits/last.pt)")
+    p.add_argument("--ckpt", help="checkpoint written by train.pretrain (e.g. runs/digits/last.pt)")
+    p.add_argument("--reference", choices=REFERENCES,
+                   help="no checkpoint: evaluate the --config network at random init, or the raw pixels")
+    p.add_argument("--config", default=None, help="with --reference: preset name or YAML file (default: digits)")
     p.add_argument("--out", default=None, help="folder for linear_eval.json (default: the checkpoint's folder)")
     p.add_argument("--random-init-baseline", action="store_true",
                    help="also evaluate the same network at its random initialisation")
@@ -249,10 +292,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    if not Path(args.ckpt).is_file():
-        sys.exit(f"error: --ckpt {args.ckpt!r}: no such file")
+    parser = get_args_parser()
+    args = parser.parse_args()
+    if (args.ckpt is None) == (args.reference is None):
+        parser.error("give either --ckpt or --reference (with --config and --out)")
     try:
-        main(args.ckpt, args.overrides, args.random_init_baseline, args.out)
+        if args.reference:
+            if args.out is None:
+                parser.error("--reference needs --out")
+            main_reference(load_config(args.config, args.overrides), args.reference, args.out)
+        elif not Path(args.ckpt).is_file():
+            sys.exit(f"error: --ckpt {args.ckpt!r}: no such file")
+        else:
+            main(args.ckpt, args.overrides, args.random_init_baseline, args.out)
     except ConfigError as e:
         sys.exit(f"error: {e}")

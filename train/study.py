@@ -1,0 +1,527 @@
+"""A grid of configurations x seeds through the normal trainer and linear evaluation.
+
+    python -m train.study --grid paper --out docs [--seeds 3]
+
+A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, a default number
+of ``seeds`` and a list of ``rows``. A row either trains (``set``: ``key=value`` overrides of the
+preset, run as ``python -m train.pretrain`` then ``python -m train.linear_eval``) or is a
+``reference`` evaluated without pre-training (``random_init`` or ``raw_pixels``). A row may carry
+the paper's number (``paper``) and direction (``expect``), against which each row gets a verdict.
+
+Every (row, seed) runs in its own subprocess, one at a time, in ``OUT/runs/<row>/seed<k>/`` and in
+row-major order (all seeds of a row before the next row). After each run ``OUT/study.json``,
+``OUT/study.md`` and ``OUT/study.png`` are rewritten. The study is resumable: a finished run is never
+redone, a run cut short resumes from its own checkpoint, and a grid whose runs would now be configured
+differently from the recorded ones is refused, naming the difference. SIGTERM / SIGINT stop after the
+current run's checkpoint, recording nothing for it.
+
+Subprocesses get ``OMP_NUM_THREADS=1`` unless it is set: on a shared small machine one intra-op
+thread per run was measured faster than two (oversubscription).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, diff, from_dict, load_config, to_dict
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
+REFERENCES = ("random_init", "raw_pixels")
+EXPECT_KINDS = ("above", "below", "similar_to", "collapses", "learns")
+COLLAPSE_ERANK = 2.0  # effective rank below this: the features collapsed (monitor.collapse_erank)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    what: str = ""
+    set: tuple[str, ...] = ()  # key=value overrides of the preset
+    reference: str = ""  # random_init | raw_pixels: linear evaluation only, no pre-training
+    paper: str = ""  # the paper's number, as text
+    expect: dict = field(default_factory=dict)  # {above|below|similar_to: ROW} or {collapses|learns: true}
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    preset: str
+    seeds: int
+    rows: tuple[Row, ...]
+    notes: str = ""  # free text printed at the top of study.md (e.g. how the preset was calibrated)
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+
+def grid_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"--grid {name_or_path!r}: no such file")
+        return p
+    p = GRID_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        names = sorted(q.stem for q in GRID_DIR.glob("*.yaml"))
+        raise ConfigError(f"--grid {name_or_path!r}: not a YAML file nor a grid ({', '.join(names)})")
+    return p
+
+
+def load_grid(name_or_path: str) -> Grid:
+    """Parse and check a grid: unique row names, known keys, references and directions, and every
+    row's overrides valid for the preset (so a typo fails before hours of runs, not at row 20).
+
+    Raises:
+        ConfigError: naming the row and the problem.
+    """
+    path = grid_path(name_or_path)
+    d = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
+        raise ConfigError(f"grid {path}: expected a mapping with a non-empty list 'rows'")
+    unknown = set(d) - {"preset", "seeds", "rows", "notes"}
+    if unknown:
+        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, rows, notes)")
+    rows, names = [], set()
+    for i, r in enumerate(d["rows"]):
+        if not isinstance(r, dict) or not r.get("name"):
+            raise ConfigError(f"grid {path}: row {i} needs a 'name'")
+        bad = set(r) - {f for f in Row.__dataclass_fields__}
+        if bad:
+            raise ConfigError(f"grid {path}: row {r['name']!r} has unknown keys {sorted(bad)}")
+        s = r.get("set") or {}
+        if not isinstance(s, dict):
+            raise ConfigError(f"grid {path}: row {r['name']!r}: 'set' must be a mapping of dotted keys")
+        row = Row(name=str(r["name"]), what=str(r.get("what", "")),
+                  set=tuple(f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in s.items()),
+                  reference=str(r.get("reference", "")), paper=str(r.get("paper", "")),
+                  expect=dict(r.get("expect") or {}))
+        if row.name in names:
+            raise ConfigError(f"grid {path}: row name {row.name!r} appears twice")
+        if row.reference and row.reference not in REFERENCES:
+            raise ConfigError(f"grid {path}: row {row.name!r}: reference {row.reference!r} is not one of {REFERENCES}")
+        names.add(row.name)
+        rows.append(row)
+    for row in rows:
+        for kind, target in row.expect.items():
+            if kind not in EXPECT_KINDS:
+                raise ConfigError(f"grid {path}: row {row.name!r}: expect {kind!r} is not one of {EXPECT_KINDS}")
+            if kind in ("above", "below", "similar_to") and target not in names:
+                raise ConfigError(f"grid {path}: row {row.name!r}: expect {kind}: {target!r} is not a row")
+    grid = Grid(name=path.stem, preset=str(d.get("preset", "")) or "digits", seeds=int(d.get("seeds", 3)),
+                rows=tuple(rows), notes=str(d.get("notes", "")).strip())
+    for row in rows:
+        run_config(grid, row, 0)  # raises ConfigError naming a bad key
+    return grid
+
+
+def run_config(grid: Grid, row: Row, seed: int) -> dict:
+    """The full configuration a (row, seed) runs with, as a plain dict."""
+    try:
+        return to_dict(load_config(grid.preset, [*row.set, f"seed={seed}"]))
+    except ConfigError as e:
+        raise ConfigError(f"grid {grid.name!r}, row {row.name!r}: {e}") from e
+
+
+def run_key(row: Row, seed: int) -> str:
+    return f"{row.name}/seed{seed}"
+
+
+def plan(grid: Grid, seeds: int) -> list[tuple[Row, int]]:
+    """Row-major: every seed of a row before the next row, rows in the grid's order."""
+    return [(row, s) for row in grid.rows for s in range(seeds)]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def check_unchanged(grid: Grid, state: dict) -> None:
+    """Refuse a grid under which a recorded run would now be configured differently.
+
+    Raises:
+        ConfigError: naming the rows and keys that differ (or the rows that are gone).
+    """
+    problems = []
+    if state.get("preset") != grid.preset:
+        problems.append(f"preset {state.get('preset')!r} -> {grid.preset!r}")
+    names = {r.name for r in grid.rows}
+    for key, rec in state.get("runs", {}).items():
+        if rec["row"] not in names:
+            problems.append(f"row {rec['row']!r} was removed")
+            continue
+        row = grid.row(rec["row"])
+        if row.reference != rec.get("reference", ""):
+            problems.append(f"row {row.name!r}: reference {rec.get('reference', '')!r} -> {row.reference!r}")
+        now = run_config(grid, row, rec["seed"])
+        try:
+            changed = diff(from_dict(rec["config"]), from_dict(now))
+        except (ValueError, TypeError) as e:  # recorded by a trainer with other keys
+            problems.append(f"{key}: its recorded configuration no longer loads ({e})")
+            continue
+        if changed:
+            problems.append(f"{key}: " + ", ".join(f"{k} {_get(rec['config'], k)!r} -> {_get(now, k)!r}" for k in changed))
+    if problems:
+        raise ConfigError("the grid changed since these runs were recorded: " + "; ".join(sorted(set(problems)))
+                          + " (use another --out, or delete the recorded runs to redo them)")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def load_state(out: Path, grid: Grid) -> dict:
+    path = out / "study.json"
+    if not path.exists():
+        return {"grid": grid.name, "preset": grid.preset, "runs": {}}
+    state = json.loads(path.read_text())
+    check_unchanged(grid, state)
+    return state
+
+
+def save_state(out: Path, state: dict) -> None:
+    tmp = out / "study.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, out / "study.json")  # a kill never leaves a half-written file
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class Stop(Exception):
+    """The study was asked to stop (SIGTERM / SIGINT); the current run is not recorded."""
+
+
+class Runner:
+    """Runs commands one at a time; forwards SIGTERM / SIGINT to the running one and remembers it."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.stopping = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits 0
+
+    def __call__(self, cmd: list[str], log_path: Path) -> None:
+        if self.stopping:
+            raise Stop()
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        # the subprocesses import this checkout's train/ and fastpred/, whatever the working directory
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
+        with open(log_path, "a") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                          start_new_session=True)  # Ctrl-C reaches it only through us
+            if self.stopping:  # the signal came while it was starting
+                self.child.send_signal(signal.SIGTERM)
+            rc = self.child.wait()
+            self.child = None
+        if self.stopping:
+            raise Stop()
+        if rc != 0:
+            raise RuntimeError(f"exit status {rc}: {' '.join(cmd)} (log: {log_path})")
+
+
+def final_metrics(run_dir: Path) -> dict | None:
+    """The pre-training's last ``"final": true`` line of metrics.jsonl, or None when unfinished."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    finals = [l for l in lines if l.get("final") and "linear_eval" not in l]
+    return finals[-1] if finals else None
+
+
+def execute(grid: Grid, row: Row, seed: int, run_dir: Path, runner: Runner) -> dict:
+    """Pre-train (unless a reference) and linear-evaluate one (row, seed); returns its metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    py, log = sys.executable, run_dir / "log.txt"
+    seed_arg = f"seed={seed}"
+    if row.reference:
+        runner([py, "-m", "train.linear_eval", "--config", grid.preset, "--reference", row.reference,
+                "--out", str(run_dir), *row.set, seed_arg], log)
+        res = json.loads((run_dir / "linear_eval.json").read_text())[row.reference]
+        return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_lr": res["lr"], "erank": res["erank"]}
+    runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *row.set, seed_arg], log)
+    final = final_metrics(run_dir)
+    if final is None:
+        raise RuntimeError(f"pre-training in {run_dir} ended without a final evaluation (log: {log})")
+    runner([py, "-m", "train.linear_eval", "--ckpt", str(run_dir / "last.pt")], log)
+    res = json.loads((run_dir / "linear_eval.json").read_text())["learned"]
+    return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_lr": res["lr"], "erank": res["erank"],
+            "knn_top1": final.get("knn_top1"), "probe_top1": final.get("probe_top1"),
+            "pretrain_erank": final.get("erank")}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def stats(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std, n
+
+
+def row_values(state: dict, row: Row, metric: str = "linear_top1") -> list[float]:
+    return [r["metrics"][metric] for r in state["runs"].values()
+            if r["row"] == row.name and r.get("metrics") and r["metrics"].get(metric) is not None]
+
+
+def verdict(grid: Grid, state: dict, row: Row) -> tuple[str, str]:
+    """(what was compared, verdict) for the row's ``expect``; verdicts: holds / does not / within noise.
+
+    A difference no larger than the larger of the two rows' standard deviations is within noise.
+    ``collapses`` / ``learns`` compare with the ``random_init`` reference row (a network that learned
+    nothing useful reads like one at random init) and count an effective rank below 2 as collapse."""
+    if not row.expect:
+        return "", "" if row.reference else "no claim in the paper"
+    kind, target = next(iter(row.expect.items()))
+    mean, std, n = stats(row_values(state, row))
+    if n == 0:
+        failed = sum(1 for r in state["runs"].values() if r["row"] == row.name and r.get("error"))
+        return "", f"no finished run ({failed} failed)" if failed else "pending"
+    if kind in ("collapses", "learns"):
+        ref = next((r for r in grid.rows if r.reference == "random_init"), None)
+        if ref is None:
+            return "", "no random_init row"
+        target = ref.name
+    rmean, rstd, rn = stats(row_values(state, grid.row(target)))
+    if rn == 0:
+        return "", f"pending ({target})"
+    d, spread = mean - rmean, max(std, rstd)
+    shown = f"{d:+.2f} vs {target} (spread {spread:.2f})"
+    erank = stats(row_values(state, row, "erank"))[0]
+    if kind in ("collapses", "learns") and erank < COLLAPSE_ERANK:
+        return shown + f", erank {erank:.1f}", "holds" if kind == "collapses" else "does not"
+    if kind == "similar_to":
+        return shown, "holds" if abs(d) <= spread else "does not"
+    if abs(d) <= spread:
+        return shown, "within noise"
+    positive = d > 0
+    wanted = {"above": True, "below": False, "learns": True, "collapses": False}[kind]
+    return shown, "holds" if positive == wanted else "does not"
+
+
+def direction_text(row: Row) -> str:
+    if not row.expect:
+        return "reference" if row.reference else ""
+    kind, target = next(iter(row.expect.items()))
+    return {"above": f"> {target}", "below": f"< {target}", "similar_to": f"≈ {target}",
+            "collapses": "collapses", "learns": "learns"}[kind]
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+        tv = torch.__version__
+    except Exception:  # pragma: no cover - torch is a dependency
+        gpu, tv = "?", "?"
+    return f"{os.cpu_count()} CPU cores ({cpu or platform.machine()}), {gpu}, torch {tv}, Python {platform.python_version()}"
+
+
+def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
+    if n == 0:
+        return "—"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -> None:
+    """study.md (table, verdicts, how to reproduce) and study.png (top-1 per row)."""
+    total = len(plan(grid, seeds))
+    done = [r for r in state["runs"].values()]
+    wall = sum(r["wall_s"] for r in done)
+    cfg = load_config(grid.preset)
+    lines = [f"# Study `{grid.name}`: the paper's ablations on `{grid.preset}`", "",
+             f"Reproduce: `{command}` (resumable; finished runs are kept).", "",
+             f"State: {len(done)} of {total} runs finished ({seeds} seeds per row), "
+             f"{wall / 3600:.2f} h of run wall time so far. Machine: {state.get('machine', machine())}.", "",
+             f"Recipe (preset `{grid.preset}`, frozen before the study): {cfg.model.arch} backbone, projector "
+             f"{cfg.model.proj_hidden} -> {cfg.model.proj_dim}, {cfg.epochs} epochs on "
+             f"{cfg.data.train_subset or 'all'} training images, batch {cfg.batch_size}, SGD lr {cfg.optim.lr} "
+             f"wd {cfg.optim.weight_decay}, EMA {cfg.model.ema_tau}; DirectPred rho {cfg.predictor.rho}, "
+             f"eps {cfg.predictor.eps}. Linear evaluation: frozen backbone, cached centre-crop features, "
+             f"{cfg.eval.epochs} epochs, lr chosen from {list(cfg.eval.lr_grid)} on {cfg.eval.val_fraction:.0%} "
+             "of the training images held out, test on the 10 000 test images.", "",
+             *([grid.notes, ""] if grid.notes else []),
+             "Verdicts: the paper's direction (column *paper says*) checked here on the mean linear top-1. "
+             "*within noise*: the difference is no larger than the larger standard deviation of the two rows. "
+             "*collapses* / *learns* are read against the random-init network; an effective rank below "
+             f"{COLLAPSE_ERANK:g} counts as collapse. *eff. rank*: effective rank (Roy & Vetterli 2007) of the "
+             "backbone features of the training images the linear classifier sees; *kNN*: the trainer's "
+             "weighted kNN monitor at the end of pre-training. Paper numbers are STL-10, ResNet-18, 100 epochs, "
+             "5 seeds unless noted: only their direction is comparable.", "",
+             "| row | setting | n | linear top-1 (%) | eff. rank | kNN top-1 (%) | paper | paper says | here | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in grid.rows:
+        top = stats(row_values(state, row))
+        er = stats(row_values(state, row, "erank"))
+        knn = stats(row_values(state, row, "knn_top1"))
+        failed = sum(1 for r in state["runs"].values() if r["row"] == row.name and r.get("error"))
+        shown, v = verdict(grid, state, row)
+        n = f"{top[2]}" + (f" (+{failed} failed)" if failed else "")
+        lines.append(f"| {row.name} | {row.what} | {n} | {_fmt(*top)} | {_fmt(*er, digits=1)} | "
+                     f"{_fmt(*knn) if knn[2] else '—'} | {row.paper} | {direction_text(row)} | {shown} | {v} |")
+    counts: dict[str, int] = {}
+    for row in grid.rows:
+        v = verdict(grid, state, row)[1].split(" (")[0]
+        if v:
+            counts[v] = counts.get(v, 0) + 1
+    lines += ["", "Verdicts so far: " + ", ".join(f"{v} {n}" for v, n in counts.items()) + "."]
+    errors = [(k, r["error"]) for k, r in state["runs"].items() if r.get("error")]
+    if errors:
+        lines += ["", "Failed runs (recorded, not retried):", ""] + [f"- `{k}`: {e}" for k, e in errors]
+    lines += ["", "![linear top-1 per row](study.png)", "",
+              "Per-run figures (config, seed, every metric, wall time): `study.json`."]
+    (out / "study.md").write_text("\n".join(lines) + "\n")
+    plot(grid, state, out / "study.png")
+
+
+def plot(grid: Grid, state: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in grid.rows if row_values(state, r)]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    for i, row in enumerate(rows):
+        vals = row_values(state, row)
+        mean, std, _ = stats(vals)
+        color = "0.6" if row.reference else "C0"
+        ax.barh(i, mean, xerr=std, color=color, alpha=0.6, capsize=2)
+        ax.plot(vals, [i] * len(vals), "k.", ms=3)
+    for row in rows:
+        if row.reference:
+            ax.axvline(stats(row_values(state, row))[0], ls="--", lw=0.8, color="0.4")
+    lo = min(min(row_values(state, r)) for r in rows)
+    hi = max(max(row_values(state, r)) for r in rows)
+    ax.set_xlim(max(0.0, lo - 5), min(100.0, hi + 3))
+    ax.set_yticks(range(len(rows)), [r.name for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("linear top-1 (%) on the test set, mean ± std over seeds (dots: seeds)")
+    ax.set_title(f"study {grid.name} on {grid.preset} (dashed: reference rows)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s"
+
+
+def eta(state: dict, todo: list[tuple[Row, int]]) -> float:
+    """Seconds left: the mean wall time so far of reference and of trained runs, times what is left."""
+    by_kind = {True: [], False: []}
+    for r in state["runs"].values():
+        by_kind[bool(r.get("reference"))].append(r["wall_s"])
+    every = by_kind[True] + by_kind[False]
+    if not every:
+        return math.nan
+    mean = {k: (sum(v) / len(v) if v else sum(every) / len(every)) for k, v in by_kind.items()}
+    return sum(mean[bool(row.reference)] for row, _ in todo)
+
+
+def main(grid_name: str, out: str | Path, seeds: int | None = None) -> dict:
+    """Run (or continue) the study; returns its state (the content of study.json)."""
+    grid = load_grid(grid_name)
+    seeds = seeds or grid.seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: expected at least 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_state(out, grid)
+    state.update(grid=grid.name, preset=grid.preset, machine=machine())
+    command = f"python -m train.study --grid {grid_name} --out {out} --seeds {seeds}"
+    runner = Runner()
+    todo = [(row, s) for row, s in plan(grid, seeds) if run_key(row, s) not in state["runs"]]
+    total = len(plan(grid, seeds))
+    print(f"study {grid.name}: {total} runs ({len(grid.rows)} rows x {seeds} seeds), "
+          f"{total - len(todo)} already done, results in {out}/study.md", flush=True)
+    save_state(out, state)
+    write_report(grid, state, out, seeds, command)
+    for i, (row, seed) in enumerate(todo):
+        key = run_key(row, seed)
+        run_dir = out / "runs" / row.name / f"seed{seed}"
+        spent = run_dir / "wall_s_before_stop.txt"  # time spent by earlier, interrupted attempts
+        earlier = float(spent.read_text()) if spent.exists() else 0.0
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {"row": row.name, "seed": seed, "reference": row.reference, "set": list(row.set),
+                               "config": run_config(grid, row, seed)}
+        try:
+            rec["metrics"] = execute(grid, row, seed, run_dir, runner)
+        except Stop:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            spent.write_text(str(earlier + time.perf_counter() - t0))
+            print(f"stopped before finishing {key}; re-run the same command to continue", flush=True)
+            break
+        except RuntimeError as e:  # the run itself failed (e.g. diverged): a result, recorded
+            rec["error"] = str(e)
+        rec["wall_s"] = earlier + time.perf_counter() - t0
+        if earlier:
+            rec["resumed"] = True
+        rec["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        state["runs"][key] = rec
+        save_state(out, state)
+        write_report(grid, state, out, seeds, command)
+        left = eta(state, todo[i + 1:])
+        m = rec.get("metrics") or {}
+        result = (f"linear top-1 {m['linear_top1']:.2f}%  erank {m['erank']:.1f}" if m
+                  else f"FAILED: {rec['error']}")
+        print(f"[{total - len(todo) + i + 1}/{total}] {key}: {result}  ({rec['wall_s']:.0f} s)  "
+              f"ETA {_duration(left) if math.isfinite(left) else '?'} for {len(todo) - i - 1} runs", flush=True)
+    return state
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Run a grid of trainer configurations x seeds (resumable)")
+    p.add_argument("--grid", required=True, help="grid name in train/configs/grids/ or a YAML file")
+    p.add_argument("--out", required=True, help="folder for study.json, study.md, study.png and runs/")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per row (default: the grid's)")
+    return p
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args.grid, args.out, args.seeds)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
