@@ -188,16 +188,14 @@ def load_backbone(cfg: Config, state: dict | None, channels: int, device: torch.
     return model.backbone.to(device)
 
 
-def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool = False,
-         out: str | Path | None = None) -> dict:
-    """Evaluate the backbone of ``ckpt`` (and optionally the random-init one). Returns the results
-    and writes ``linear_eval.json`` (and a ``"final": true`` line in metrics.jsonl) into ``out``
-    (default: the checkpoint's folder)."""
-    state = checkpoint.load(ckpt, required=("config", "model", "step"))
+def check_eval_config(cfg: Config) -> None:
+    """Everything a linear evaluation needs, checked before any work.
+
+    Raises:
+        ConfigError: a value out of range, missing data or labels, an empty lr grid, or a
+            batch that the processes cannot share, naming it.
+    """
     try:
-        cfg = from_dict(state["config"])
-        for text in overrides:
-            set_key(cfg, *parse_override(text))
         validate(cfg)
         data.check_data(cfg.data)
         if not data.has_labels(cfg.data):
@@ -209,6 +207,21 @@ def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool
             raise ValueError("eval.lr_grid is empty")
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
+
+
+def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool = False,
+         out: str | Path | None = None) -> dict:
+    """Evaluate the backbone of ``ckpt`` (and optionally the random-init one). Returns the results
+    and writes ``linear_eval.json`` (and a ``"final": true`` line in metrics.jsonl) into ``out``
+    (default: the checkpoint's folder)."""
+    state = checkpoint.load(ckpt, required=("config", "model", "step"))
+    try:
+        cfg = from_dict(state["config"])
+        for text in overrides:
+            set_key(cfg, *parse_override(text))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    check_eval_config(cfg)
     info = init_distributed(cfg.device)
     try:
         ev = Evaluator(cfg, info)
@@ -237,14 +250,9 @@ REFERENCES = ("random_init", "raw_pixels")
 def main_reference(cfg: Config, kind: str, out: str | Path) -> dict:
     """Linear evaluation without pre-training (``kind``: random_init | raw_pixels) into
     ``out/linear_eval.json`` as ``{"reference": kind, kind: results}``."""
-    try:
-        if kind not in REFERENCES:
-            raise ValueError(f"--reference {kind!r}: expected one of {', '.join(REFERENCES)}")
-        data.check_data(cfg.data)
-        if not cfg.eval.lr_grid:
-            raise ValueError("eval.lr_grid is empty")
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from e
+    if kind not in REFERENCES:
+        raise ConfigError(f"--reference {kind!r}: expected one of {', '.join(REFERENCES)}")
+    check_eval_config(cfg)
     info = init_distributed(cfg.device)
     try:
         ev = Evaluator(cfg, info)
