@@ -307,13 +307,27 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def preset_path(name_or_path: str) -> Path:
-    """A YAML path, or the name of a preset in train/configs/ (``cifar10_r18``)."""
+def named_yaml(name_or_path: str, folder: Path, option: str, kind: str) -> Path:
+    """A YAML path, or the name of a YAML file in ``folder``; errors name ``option`` and the choices.
+
+    Raises:
+        FileNotFoundError: no such file, nor a ``kind`` of that name in ``folder``.
+    """
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         if not p.is_file():
-            raise FileNotFoundError(f"--config {name_or_path!r}: no such file")
+            raise FileNotFoundError(f"{option} {name_or_path!r}: no such file")
         return p
+    p = folder / f"{name_or_path}.yaml"
+    if not p.is_file():
+        names = sorted(q.stem for q in folder.glob("*.yaml"))
+        raise FileNotFoundError(f"{option} {name_or_path!r}: not a YAML file nor a {kind} ({', '.join(names)})")
+    return p
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset in train/configs/ (``cifar10_r18``)."""
+    return named_yaml(name_or_path, PRESET_DIR, "--config", "preset")
     p = PRESET_DIR / f"{name_or_path}.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"--config {name_or_path!r}: not a YAML file nor a preset ({', '.join(presets())})")

@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, diff, from_dict, load_config, to_dict
+from .config import ConfigError, diff, from_dict, load_config, named_yaml, to_dict
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
@@ -71,16 +71,11 @@ class Grid:
 
 
 def grid_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise ConfigError(f"--grid {name_or_path!r}: no such file")
-        return p
-    p = GRID_DIR / f"{name_or_path}.yaml"
-    if not p.is_file():
-        names = sorted(q.stem for q in GRID_DIR.glob("*.yaml"))
-        raise ConfigError(f"--grid {name_or_path!r}: not a YAML file nor a grid ({', '.join(names)})")
-    return p
+    """A YAML path, or the name of a grid in train/configs/grids/ (``paper``)."""
+    try:
+        return named_yaml(name_or_path, GRID_DIR, "--grid", "grid")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
 
 
 def load_grid(name_or_path: str) -> Grid:
