@@ -56,11 +56,16 @@ def topk(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
 
 
 def train_head(batches, dim: int, num_classes: int, lr: float, ev: EvalConfig, steps_per_epoch: int,
-               device: torch.device, distributed: bool, desc: str | None = None) -> nn.Module:
+               device: torch.device, distributed: bool, seed: int, desc: str | None = None) -> nn.Module:
     """SGD (momentum 0.9, cosine per step) on a BatchNorm(affine=False) + Linear head.
 
-    ``batches(epoch)`` yields (features, labels) for one epoch. ``desc``: show a progress bar over epochs."""
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)).to(device)
+    ``batches(epoch)`` yields (features, labels) for one epoch; its order is seeded by the caller.
+    The head is initialised from ``seed`` alone (not from the process's global RNG, which torch
+    seeds differently in every process), so one checkpoint and seed always give the same numbers.
+    ``desc``: show a progress bar over epochs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)).to(device)
     model = DDP(head) if distributed else head
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=ev.weight_decay)
     total = ev.epochs * steps_per_epoch
@@ -163,7 +168,8 @@ class Evaluator:
                     j = perm[s * bs:(s + 1) * bs]
                     yield f[j], y[j]
 
-            return train_head(batches, dim, self.num_classes, lr, ev, steps, dev, distributed=False, desc=desc)
+            return train_head(batches, dim, self.num_classes, lr, ev, steps, dev, distributed=False,
+                              seed=self.cfg.seed, desc=desc)
         sub = torch.utils.data.Subset(self.train, idx.tolist())
         local = ev.batch_size // info.world_size
         sampler = data.ResumableSampler(sub, local, info.world_size, info.rank, self.cfg.seed)
@@ -177,7 +183,7 @@ class Evaluator:
                 yield f, y.to(dev)
 
         return train_head(batches, dim, self.num_classes, lr, ev, sampler.batches_per_epoch(), dev,
-                          distributed=info.distributed, desc=desc)
+                          distributed=info.distributed, seed=self.cfg.seed, desc=desc)
 
 
 def load_backbone(cfg: Config, state: dict | None, channels: int, device: torch.device) -> nn.Module:
