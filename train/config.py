@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -328,18 +329,83 @@ def named_yaml(name_or_path: str, folder: Path, option: str, kind: str) -> Path:
 def preset_path(name_or_path: str) -> Path:
     """A YAML path, or the name of a preset in train/configs/ (``cifar10_r18``)."""
     return named_yaml(name_or_path, PRESET_DIR, "--config", "preset")
-    p = PRESET_DIR / f"{name_or_path}.yaml"
-    if not p.is_file():
-        raise FileNotFoundError(f"--config {name_or_path!r}: not a YAML file nor a preset ({', '.join(presets())})")
-    return p
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for plain scalars, and duplicate keys refused.
+
+    PyYAML implements YAML 1.1, where ``1e-4`` (no dot) is text, ``010`` is 8 and ``yes``/``on`` are
+    booleans; YAML 1.2 and Python read ``1e-4`` and ``1e-05`` as numbers, ``010`` as 10 and only
+    ``true``/``false`` as booleans, which is what a user writing a preset, an override or a grid means.
+    A mapping that repeats a key is refused (PyYAML would keep the last value silently).
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (
+            "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+        base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (each key may appear once)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# the core schema of YAML 1.2 (https://yaml.org/spec/1.2.2/#1032-tag-resolution)
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                 list("-+0123456789"))
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+YAMLLoader.add_constructor("tag:yaml.org,2002:int", YAMLLoader.construct_yaml_int)
+
+
+def load_yaml(text: str, where: str = "YAML") -> Any:
+    """Parse YAML text as :class:`YAMLLoader` does (YAML 1.2 numbers, duplicate keys refused).
+
+    Raises:
+        ValueError: a syntax error or a duplicate key: one line naming ``where``, the line and column.
+    """
+    try:
+        return yaml.load(text, Loader=YAMLLoader)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
+
+
+def read_text(path: Path, option: str) -> str:
+    """The text of a file the user named with ``option``.
+
+    Raises:
+        ValueError: it cannot be read (permissions, a folder, not UTF-8), naming it and why.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{option} {str(path)!r}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{option} {str(path)!r}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"optim.lr=0.1"`` -> ``("optim.lr", 0.1)``; the value is parsed as YAML (numbers, true, [a, b])."""
+    """``"optim.lr=0.1"`` -> ``("optim.lr", 0.1)``; the value is parsed as YAML 1.2 (``1e-4``, true, [a, b])."""
     if "=" not in text:
         raise ValueError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), load_yaml(raw, f"override {text!r}") if raw.strip() else ""
 
 
 def from_dict(d: dict, cfg: Config | None = None) -> Config:
@@ -358,8 +424,8 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             range.
     """
     try:
-        with open(preset_path(preset or DEFAULT_PRESET)) as f:
-            d = yaml.safe_load(f) or {}
+        path = preset_path(preset or DEFAULT_PRESET)
+        d = load_yaml(read_text(path, "--config"), f"--config {str(path)!r}") or {}
         if not isinstance(d, dict):
             raise ValueError(f"config {preset!r}: the YAML must be a mapping of keys")
         cfg = from_dict(d)
@@ -367,7 +433,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             key, value = parse_override(text)
             set_key(cfg, key, value)
         validate(cfg)
-    except (ValueError, TypeError, FileNotFoundError, yaml.YAMLError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     return cfg
 

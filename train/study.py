@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, diff, from_dict, load_config, named_yaml, to_dict
+from .config import ConfigError, diff, from_dict, load_config, load_yaml, named_yaml, read_text, to_dict
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
@@ -86,7 +84,10 @@ def load_grid(name_or_path: str) -> Grid:
         ConfigError: naming the row and the problem.
     """
     path = grid_path(name_or_path)
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = load_yaml(read_text(path, "--grid"), f"grid {str(path)!r}") or {}
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
         raise ConfigError(f"grid {path}: expected a mapping with a non-empty list 'rows'")
     unknown = set(d) - {"preset", "seeds", "rows", "notes"}
@@ -103,7 +104,7 @@ def load_grid(name_or_path: str) -> Grid:
         if not isinstance(s, dict):
             raise ConfigError(f"grid {path}: row {r['name']!r}: 'set' must be a mapping of dotted keys")
         row = Row(name=str(r["name"]), what=str(r.get("what", "")),
-                  set=tuple(f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in s.items()),
+                  set=tuple(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in s.items()),
                   reference=str(r.get("reference", "")), paper=str(r.get("paper", "")),
                   expect=dict(r.get("expect") or {}))
         if row.name in names:

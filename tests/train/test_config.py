@@ -91,3 +91,53 @@ def test_cli_reports_a_bad_key_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert "optim.lrr" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- issue 20.6: YAML 1.2 numbers
+
+
+@pytest.mark.parametrize("text", ["1e-4", "1e-05", "1E3", "4.0e-4", ".5", "1.", "-2.5e+1", "0.00001"])
+def test_numbers_parse_as_python_reads_them(text):
+    # PyYAML's YAML 1.1 read "1e-4" (no dot) as text; Python and YAML 1.2 read a number
+    assert config.parse_override(f"optim.lr={text}") == ("optim.lr", float(text))
+
+
+@pytest.mark.parametrize("text, value", [("010", 10), ("0x1f", 31), ("0o17", 15), ("-3", -3), ("yes", "yes"),
+                                         ("on", "on"), ("true", True), ("False", False)])
+def test_plain_scalars_follow_yaml_1_2(text, value):
+    # YAML 1.1: 010 is 8 and yes/on are booleans; YAML 1.2's core schema: 10 and text
+    assert config.parse_override(f"k={text}")[1] == value
+
+
+def test_small_float_override_and_preset_value(tmp_path):
+    assert load_config(None, ["predictor.min_eig=1e-4"]).predictor.min_eig == 1e-4
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim: {weight_decay: 1e-5, lr: 2e-2}\n")
+    cfg = load_config(str(preset))
+    assert (cfg.optim.weight_decay, cfg.optim.lr) == (1e-5, 2e-2)
+
+
+def test_small_float_in_a_study_grid_row(tmp_path):
+    # the grid's 0.00001 became the override text "1e-05", which YAML 1.1 refused as a number
+    from train import study
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("preset: digits\nseeds: 1\nrows:\n  - name: wd\n    set: {optim.weight_decay: 0.00001}\n")
+    g = study.load_grid(str(grid))
+    assert study.run_config(g, g.rows[0], 0)["optim"]["weight_decay"] == 1e-5
+
+
+def test_duplicate_key_in_a_preset_is_refused_naming_it(tmp_path):
+    # issue 20.11: PyYAML keeps the last of two equal keys silently
+    preset = tmp_path / "dup.yaml"
+    preset.write_text("epochs: 3\nseed: 1\nepochs: 5\n")
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'.*line 3"):
+        load_config(str(preset))
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("optim: {lr: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*invalid YAML") as e:
+        load_config(str(preset))
+    assert "\n" not in str(e.value)
