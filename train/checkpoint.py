@@ -22,7 +22,7 @@ import io
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -152,10 +152,12 @@ def candidates(out_dir: str | Path) -> list[Path]:
     return found
 
 
-def load_latest(out_dir: str | Path, map_location: str | torch.device = "cpu",
-                required: Iterable[str] = ()) -> tuple[dict | None, Path | None]:
+def load_latest(out_dir: str | Path, map_location: str | torch.device = "cpu", required: Iterable[str] = (),
+                fits: Callable[[dict], str | None] | None = None) -> tuple[dict | None, Path | None]:
     """The newest usable checkpoint in ``out_dir``, trying :func:`candidates` in order.
 
+    ``fits(state)``: None when the caller can use ``state``, else why not (its weights do not fit
+    the caller's model, say); such a file is skipped like an unreadable one.
     Each file that cannot be used is reported with a warning naming it and why.
     Returns (None, None) when the folder holds no checkpoint at all.
 
@@ -165,7 +167,10 @@ def load_latest(out_dir: str | Path, map_location: str | torch.device = "cpu",
     tried = candidates(out_dir)
     for p in tried:
         try:
-            return load(p, map_location, required), p
+            state = load(p, map_location, required)
+            if fits is not None and (reason := fits(state)) is not None:
+                raise CheckpointError(f"checkpoint {p} does not fit this run: {reason}")
+            return state, p
         except CheckpointError as e:
             warn(f"{e}; trying the previous one")
     if tried:

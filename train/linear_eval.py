@@ -43,7 +43,7 @@ from . import checkpoint, data, monitor
 from .augment import eval_transform, linear_train_transform
 from .config import Config, ConfigError, EvalConfig, from_dict, load_config, parse_override, set_key, validate
 from .model import build_model
-from .utils import DistInfo, MetricsLog, cleanup_distributed, init_distributed, log
+from .utils import DistInfo, cleanup_distributed, init_distributed, log
 
 
 def topk(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
@@ -218,7 +218,7 @@ def check_eval_config(cfg: Config) -> None:
 def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool = False,
          out: str | Path | None = None) -> dict:
     """Evaluate the backbone of ``ckpt`` (and optionally the random-init one). Returns the results
-    and writes ``linear_eval.json`` (and a ``"final": true`` line in metrics.jsonl) into ``out``
+    and writes ``linear_eval.json`` (and a ``"linear_eval"`` record in metrics.jsonl) into ``out``
     (default: the checkpoint's folder)."""
     state = checkpoint.load(ckpt, required=("config", "model", "step"))
     try:
@@ -241,10 +241,9 @@ def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "linear_eval.json").write_text(json.dumps(results, indent=2))
-            mlog = MetricsLog(out_dir, True, keep_lines=_count_lines(out_dir / "metrics.jsonl"))
-            mlog.write({"final": True, "step": state["step"], "linear_eval": results["learned"],
-                        **({"linear_eval_random_init": results["random_init"]} if random_init_baseline else {})})
-            mlog.close()
+            record_in_metrics(out_dir / "metrics.jsonl", {
+                "step": state["step"], "linear_eval": results["learned"],
+                **({"linear_eval_random_init": results["random_init"]} if random_init_baseline else {})})
         return results
     finally:
         cleanup_distributed()
@@ -278,8 +277,26 @@ def main_reference(cfg: Config, kind: str, out: str | Path) -> dict:
         cleanup_distributed()
 
 
-def _count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def record_in_metrics(path: Path, record: dict) -> None:
+    """Append ``record`` (a ``"linear_eval"`` one) to ``metrics.jsonl``, replacing an earlier linear
+    evaluation of the same step (a re-run gives the same numbers: it is deterministic) and a last
+    line cut off by a crash. The pre-training's ``"final": true`` record stays the only final one.
+    Written through a temp file and a rename; no TensorBoard events (they would be empty)."""
+    old = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
+    if old and not old[-1].endswith("\n"):
+        old = old[:-1]
+
+    def replaced(line: str) -> bool:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(rec, dict) and "linear_eval" in rec and rec.get("step") == record["step"]
+
+    kept = [line for line in old if not replaced(line)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept) + json.dumps(record) + "\n")
+    os.replace(tmp, path)
 
 
 def report(results: dict) -> None:

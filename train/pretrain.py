@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import errno
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from .config import (Config, ConfigError, diff, from_dict, key_summary, load_con
 from .model import BYOL, build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
 from .utils import (DistInfo, MetricsLog, Preemption, Timer, all_reduce_sum, cleanup_distributed,
-                    gather_objects, init_distributed, log, rng_state, seed_all, set_rng_state, warn)
+                    gather_objects, init_distributed, log, read_metrics, rng_state, seed_all, set_rng_state, warn)
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -146,12 +147,33 @@ def host_losses(pending: list, device: torch.device) -> list[tuple[float, float 
 
 
 def write_plots(run: Run) -> None:
+    """``diagnostics.json`` and ``diagnostics.png``, each written whole or not at all (temp file, rename).
+
+    Raises:
+        OSError: naming the file that could not be written (a full disk, a file size limit).
+    """
     if not run.info.is_main:
         return
     cfg = run.cfg
-    run.diag.to_json(run.out / "diagnostics.json")
-    run.diag.plot(run.out / "diagnostics.png", cfg.monitor.collapse_erank,
-                  f"{cfg.data.name} {cfg.model.arch} predictor={cfg.predictor.name}")
+    title = f"{cfg.data.name} {cfg.model.arch} predictor={cfg.predictor.name}"
+    for name, write in (("diagnostics.json", run.diag.to_json),
+                        ("diagnostics.png", lambda p: run.diag.plot(p, cfg.monitor.collapse_erank, title))):
+        path = run.out / name
+        tmp = path.with_name(f".tmp-{name}")  # the suffix tells matplotlib the format
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+
+
+def finished_outputs(out: Path, step: int) -> bool:
+    """Whether a run that trained to ``step`` also finished: its ``"final": true`` record and plots."""
+    final = any(r.get("final") and r.get("step") == step and "linear_eval" not in r
+                for r in read_metrics(out / "metrics.jsonl"))
+    return final and all((out / n).is_file() and (out / n).stat().st_size > 0
+                         for n in ("diagnostics.json", "diagnostics.png"))
 
 
 def check_replicas(run: Run) -> None:
@@ -398,7 +420,7 @@ def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | 
     lock = state = path = error = None
     if run.info.is_main:
         try:
-            lock, state, path = _claim_on_main(run.out, fresh)
+            lock, state, path = _claim_on_main(run.out, fresh, weights_fit(run))
         except ConfigError as e:
             if not run.info.distributed:
                 raise
@@ -411,18 +433,79 @@ def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | 
     return lock, state, path
 
 
-def _claim_on_main(out: Path, fresh: bool) -> tuple[IO, dict | None, Path | None]:
+def weights_fit(run: Run):
+    """``fits(state)`` for :func:`checkpoint.load_latest`: None when the checkpoint's network (and
+    probe) have this run's parameter names and shapes, else which differ."""
+    ours = {"model": run.bare.state_dict(), "probe": _bare(run.probe).state_dict() if run.probe else None}
+
+    def fits(state: dict) -> str | None:
+        problems = []
+        for part, mine in ours.items():
+            theirs = state[part]
+            if mine is None or theirs is None:
+                if (mine is None) != (theirs is None) and part == "model":
+                    problems.append(f"{part}: missing")
+                continue
+            for k in sorted(mine.keys() | theirs.keys()):
+                if k not in theirs or k not in mine:
+                    problems.append(f"{k} {'missing' if k not in theirs else 'not in this model'}")
+                elif tuple(mine[k].shape) != tuple(theirs[k].shape):
+                    problems.append(f"{k} {tuple(theirs[k].shape)} there, {tuple(mine[k].shape)} here")
+        if not problems:
+            return None
+        keys = [k for k in config_changes(state, run.cfg) if k.startswith(("model.", "predictor.", "data."))]
+        return (f"its weights do not fit this model ({'; '.join(problems[:3])}"
+                + (f"; {len(problems) - 3} more" if len(problems) > 3 else "") + ")"
+                + (f", configured with other values for {', '.join(keys)}" if keys else ""))
+
+    return fits
+
+
+def _claim_on_main(out: Path, fresh: bool, fits) -> tuple[IO, dict | None, Path | None]:
     lock = checkpoint.lock_folder(out)
     try:
         for p in checkpoint.remove_temp_files(out):
             log(f"removed {p.name}, left by an interrupted checkpoint save")
         if fresh and (old := checkpoint.set_aside(out)):
             log(f"--fresh: the earlier contents of {out} are now in {old}")
-        state, path = checkpoint.load_latest(out, required=STATE_KEYS)
+        state, path = checkpoint.load_latest(out, required=STATE_KEYS, fits=fits)
     except BaseException:
         lock.close()
         raise
     return lock, state, path
+
+
+# values the restored optimizer, scheduler, sampler and RNG state carry: a resume cannot apply new ones
+FIXED_ON_RESUME = ("optim.", "batch_size", "seed")
+
+
+def check_resumable(state: dict, cfg: Config, path: Path) -> None:
+    """Refuse a resume whose new values the checkpoint's state would silently override.
+
+    ``optim.*`` (the restored optimizer and schedule state keep the checkpoint's), ``batch_size``
+    and ``seed`` (the sampler's position and order, the RNG streams) cannot change on resume, nor
+    can ``epochs`` drop to where the checkpoint already is (its final evaluation would be an older one).
+
+    Raises:
+        ConfigError: naming the keys, both values, and what to do instead.
+    """
+    changed = [k for k in config_changes(state, cfg) if k.startswith(FIXED_ON_RESUME)]
+    saved = state["config"]
+    if changed:
+        values = ", ".join(f"{k} {_get(saved, k)!r} -> {_get(to_dict(cfg), k)!r}" for k in changed)
+        raise ConfigError(f"{path} cannot be resumed with other values for {values}: the checkpoint's optimizer, "
+                          "schedule and sampler state would keep the old ones; use the checkpoint's values, "
+                          "or --fresh to start over with these")
+    if state["epoch"] >= cfg.epochs and saved.get("epochs") != cfg.epochs:
+        raise ConfigError(f"epochs={cfg.epochs}: {path} has already trained {state['epoch']} epochs "
+                          f"(of epochs={saved.get('epochs')}); use epochs>={state['epoch'] + (state['batch'] > 0)}, "
+                          "or --fresh to start over")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
 
 
 def config_changes(state: dict, cfg: Config) -> list[str]:
@@ -512,8 +595,15 @@ def fit(run: Run) -> dict:
                 return run.last_eval
     finally:
         preempt.restore()
-    skipped = int(all_reduce_sum([run.skipped], info.device)[0])
-    run.mlog.write({"final": True, "step": run.step, "epoch": cfg.epochs, **run.last_eval, "skipped_images": skipped})
+    return finish(run)
+
+
+def finish(run: Run) -> dict:
+    """The ``"final": true`` record, the plots, the replica check. Run again, from the last
+    checkpoint, by a re-run whose predecessor was stopped after that checkpoint and before this
+    was done. Returns the last evaluation."""
+    skipped = int(all_reduce_sum([run.skipped], run.info.device)[0])
+    run.mlog.write({"final": True, "step": run.step, "epoch": run.epoch, **run.last_eval, "skipped_images": skipped})
     run.mlog.close()
     write_plots(run)
     check_replicas(run)
@@ -541,12 +631,19 @@ def main(cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
         run = setup(cfg, Path(out_dir), info)
         lock, state, path = claim_folder(run, fresh)
         try:
-            if state is not None and state["epoch"] >= cfg.epochs and state["batch"] == 0:
+            trained = state is not None and state["epoch"] >= cfg.epochs and state["batch"] == 0
+            if trained and gather_objects(run.info.is_main and finished_outputs(run.out, state["step"]))[0]:
                 changed = config_changes(state, cfg)
                 log(f"{path} finished its {state['epoch']} epochs (step {state['step']}): nothing to train, "
                     "nothing written" + (f" (ignored: new values for {', '.join(changed)})" if changed else ""))
                 return state["last_eval"]
+            if state is not None:
+                check_resumable(state, cfg, path)
             start(run, state, path)
+            if trained:  # stopped after its last checkpoint, before its final record and plots
+                log(f"{path} trained all {state['epoch']} epochs; writing what the run did not finish: "
+                    "the final record and the plots")
+                return finish(run)
             return fit(run)
         finally:
             if lock is not None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, diff, from_dict, load_config, load_yaml, named_yaml, read_text, to_dict
+from .utils import read_metrics
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
@@ -242,11 +243,7 @@ class Runner:
 
 def final_metrics(run_dir: Path) -> dict | None:
     """The pre-training's last ``"final": true`` line of metrics.jsonl, or None when unfinished."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    finals = [l for l in lines if l.get("final") and "linear_eval" not in l]
+    finals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("final") and "linear_eval" not in r]
     return finals[-1] if finals else None
 
 

@@ -105,9 +105,14 @@ class MetricsLog:
         if not enabled:
             return
         if self.path.exists():
-            old = self.path.read_text().splitlines(keepends=True)
+            old = self.path.read_text(errors="replace").splitlines(keepends=True)
+            cut = bool(old) and not old[-1].endswith("\n")
+            if cut:  # a crash mid-write: the next record must not be glued onto it
+                warn(f"{self.path}: dropped its last line, cut off mid-write: {old[-1][:80]!r}")
+                old = old[:-1]
+            keep_lines = min(keep_lines, len(old))
             later = [line for line in old[keep_lines:] if _kept_on_resume(line)]
-            if len(later) < len(old) - keep_lines:
+            if cut or len(later) < len(old) - keep_lines:
                 tmp = self.path.with_name(self.path.name + ".tmp")
                 tmp.write_text("".join(old[:keep_lines] + later))
                 os.replace(tmp, self.path)
@@ -124,7 +129,7 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         self.lines += 1
-        if self.tb is not None and "step" in record:
+        if self.tb is not None and "step" in record and not record.get("final"):  # final: the last epoch's again
             prefix = "epoch/" if "epoch_time" in record else "train/"
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
@@ -133,6 +138,27 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, skipping (with a warning) lines that are not a JSON object,
+    such as a last line cut off by a crash. An absent file has none."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            warn(f"{path}, line {n}: not a JSON record, skipped: {line[:80]!r}")
+    return records
 
 
 def _kept_on_resume(line: str) -> bool:

@@ -356,3 +356,132 @@ def test_read_only_out_is_one_error_line(finished):
                 os.seteuid(0)
             out.chmod(0o755)
     assert "cannot write there (Permission denied)" in line
+
+
+# ----------------------------------------------------------------------------- issue 20: resume and finishing
+
+
+def _stopped_at_step_4(finished: Path, dst: Path) -> Path:
+    """A copy of the finished run as a kill right after step 4's checkpoint leaves it."""
+    out = _copy(finished, dst)
+    for name in ("last.pt", CKPT5):
+        (out / name).unlink()
+    os.link(out / CKPT4, out / "last.pt")
+    return out
+
+
+def _as_killed_after_the_last_checkpoint(out: Path, png: bytes | None) -> None:
+    """What a SIGKILL (or a full disk) right after the final checkpoint leaves: metrics.jsonl as the
+    checkpoint counted it (no "final" record), and no diagnostics, or a 0-byte PNG."""
+    n = checkpoint.load(out / "last.pt")["metrics_lines"]
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:n]))
+    for name in ("diagnostics.png", "diagnostics.json"):
+        (out / name).unlink()
+    if png is not None:
+        (out / "diagnostics.png").write_bytes(png)
+
+
+@pytest.mark.parametrize("png", [None, b""], ids=["killed", "full-disk-0-byte-png"])
+def test_a_run_stopped_after_its_last_checkpoint_is_finished_by_a_rerun(finished, tmp_path, png, read_metrics,
+                                                                         capsys):
+    # issue 20.3: the re-run said "nothing to train, nothing written" and the run stayed unfinished for good
+    out = _copy(finished, tmp_path / "run")
+    _as_killed_after_the_last_checkpoint(out, png)
+    pretrain.main(load_config(None, RUN), out)
+    assert "writing what the run did not finish" in capsys.readouterr().out
+    want = [r for r in read_metrics(finished) if "epoch_time" not in r]
+    got = [r for r in read_metrics(out) if "epoch_time" not in r]
+    assert got[-1]["final"] is True and got[-1] == want[-1]
+    assert (out / "diagnostics.png").stat().st_size > 1000
+    assert (out / "diagnostics.json").read_bytes() == (finished / "diagnostics.json").read_bytes()
+    before = _listing(out)
+    pretrain.main(load_config(None, RUN), out)  # now finished: nothing to train, nothing written
+    assert "nothing to train" in capsys.readouterr().out and _listing(out) == before
+
+
+def test_a_cut_off_last_metrics_line_is_dropped_on_resume_and_read_tolerantly(finished, tmp_path, read_metrics,
+                                                                               capsys):
+    # issue 20.4: the next record was glued onto the cut-off line, and train.study raised JSONDecodeError
+    from train import study
+
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    n = checkpoint.load(out / "last.pt")["metrics_lines"]
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:n]) + lines[n][:9])  # a crash in the middle of a write
+    assert study.final_metrics(out) is None  # no traceback: the unfinished run has no final record
+    pretrain.main(load_config(None, RUN), out)
+    assert "cut off mid-write" in capsys.readouterr().err
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in rs]
+    assert strip(read_metrics(out)) == strip(read_metrics(finished))  # every line parses, none lost
+    assert study.final_metrics(out)["step"] == 5
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    assert study.final_metrics(out)["step"] == 5
+
+
+@pytest.mark.parametrize("other", [["model.proj_dim=32"], ["predictor.name=mlp"], ["predictor.name=linear"]])
+def test_a_checkpoint_that_does_not_fit_is_named_and_the_previous_one_used(finished, tmp_path, other, capsys):
+    # issue 20.1: "size mismatch" / "Missing key(s)" tracebacks, and the older good checkpoints never tried
+    from train.model import build_model
+
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    foreign = checkpoint.load(finished / CKPT5)
+    cfg = load_config(None, [*RUN, *other])
+    foreign["config"], foreign["model"] = to_dict(cfg), build_model(cfg, 1, cfg.seed).state_dict()
+    checkpoint.save(foreign, out, 5, keep=3)  # the newest file, last.pt links it
+    pretrain.main(load_config(None, RUN), out)
+    captured = capsys.readouterr()
+    assert f"checkpoint {out / 'last.pt'} does not fit this run" in captured.err
+    assert other[0].split("=")[0] in captured.err  # names the setting that differs
+    assert f"resumed from {out / CKPT4}" in captured.out
+    assert checkpoint.load(out / "last.pt")["step"] == 5
+
+
+def test_new_optimizer_values_on_resume_are_refused_naming_them(finished, tmp_path):
+    # issue 20.2: the new values were recorded, then silently overridden by the restored optimizer state
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    before = _listing(out)
+    line = _cli(["--out", str(out), *RUN, "optim.lr=0.1", "optim.weight_decay=1e-5"])
+    assert "optim.lr 0.05 -> 0.1" in line and "optim.weight_decay 0.0004 -> 1e-05" in line and "--fresh" in line
+    line = _cli(["--out", str(out), *RUN, "optim.schedule=constant"])
+    assert "optim.schedule 'cosine' -> 'constant'" in line
+    assert _listing(out) == before
+
+
+def test_epochs_lowered_to_where_the_checkpoint_is_are_refused(finished, tmp_path):
+    # issue 20.11: the "final" record then carried an older evaluation
+    out = _copy(finished, tmp_path / "run")
+    state = checkpoint.load(out / "last.pt")
+    state["config"]["epochs"] = 3  # as if a 3-epoch run was stopped after its first epoch
+    (out / "last.pt").unlink()
+    checkpoint.save(state, out, 5, keep=3)
+    _as_killed_after_the_last_checkpoint(out, None)
+    line = _cli(["--out", str(out), *RUN])  # epochs=1
+    assert "epochs=1" in line and "already trained 1 epochs (of epochs=3)" in line
+
+
+def test_linear_eval_writes_no_second_final_record_and_no_tensorboard_events(finished, tmp_path, read_metrics):
+    # issue 20.13 and 20.11: a second "final" record, an empty event file, duplicate records on a re-run
+    out = _copy(finished, tmp_path / "run")
+    events = sorted((out / "tb").iterdir())
+    for _ in range(2):
+        linear_eval.main(out / "last.pt", ["eval.epochs=1", "eval.lr_grid=[0.1]"])
+    records = read_metrics(out)
+    assert sum(bool(r.get("final")) for r in records) == 1
+    assert sum("linear_eval" in r for r in records) == 1  # the re-run replaced its record
+    assert sorted((out / "tb").iterdir()) == events
+
+
+def test_tensorboard_has_each_metric_under_one_tag(finished):
+    # issue 20.13: the final record repeated the last epoch's knn_top1 as train/knn_top1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for f in (finished / "tb").iterdir():
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    # train/ holds the per-log-step values, epoch/ the epoch's means and evaluations, each once
+    assert {"epoch/knn_top1", "epoch/probe_top1", "epoch/erank", "train/loss", "epoch/loss"} <= tags
+    assert {t for t in tags if t.startswith("train/")} == {"train/loss", "train/lr", "train/tau", "train/images_per_s"}
