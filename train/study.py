@@ -13,7 +13,10 @@ row-major order (all seeds of a row before the next row). After each run ``OUT/s
 ``OUT/study.md`` and ``OUT/study.png`` are rewritten. The study is resumable: a finished run is never
 redone, a run cut short resumes from its own checkpoint, and a grid whose runs would now be configured
 differently from the recorded ones is refused, naming the difference. SIGTERM / SIGINT stop after the
-current run's checkpoint, recording nothing for it.
+current run's checkpoint, recording nothing for it. A run whose process is killed by a signal (an OOM
+kill) is not recorded either: the next invocation resumes it. When the study itself dies, even by
+``kill -9``, its running trainer gets SIGTERM (it saves and frees its folder). One study at a time
+owns an ``--out`` (a lock on ``OUT/.study.lock``); a damaged ``study.json`` is one error line.
 
 Subprocesses get ``OMP_NUM_THREADS=1`` unless it is set: on a shared small machine one intra-op
 thread per run was measured faster than two (oversubscription).
@@ -22,10 +25,12 @@ thread per run was measured faster than two (oversubscription).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +47,8 @@ GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
 REFERENCES = ("random_init", "raw_pixels")
 EXPECT_KINDS = ("above", "below", "similar_to", "collapses", "learns")
 COLLAPSE_ERANK = 2.0  # effective rank below this: the features collapsed (monitor.collapse_erank)
+ROW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name under OUT/runs/, never a path
+RECORD_KEYS = ("row", "seed", "config")  # what every run record of study.json carries
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -104,6 +111,9 @@ def load_grid(name_or_path: str) -> Grid:
         s = r.get("set") or {}
         if not isinstance(s, dict):
             raise ConfigError(f"grid {path}: row {r['name']!r}: 'set' must be a mapping of dotted keys")
+        if not ROW_NAME.match(str(r["name"])):
+            raise ConfigError(f"grid {path}: row name {str(r['name'])!r} must be letters, digits, '_', '-' or '.' "
+                              "(not starting with '.'): it names the run's folder under --out")
         row = Row(name=str(r["name"]), what=str(r.get("what", "")),
                   set=tuple(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in s.items()),
                   reference=str(r.get("reference", "")), paper=str(r.get("paper", "")),
@@ -120,7 +130,10 @@ def load_grid(name_or_path: str) -> Grid:
                 raise ConfigError(f"grid {path}: row {row.name!r}: expect {kind!r} is not one of {EXPECT_KINDS}")
             if kind in ("above", "below", "similar_to") and target not in names:
                 raise ConfigError(f"grid {path}: row {row.name!r}: expect {kind}: {target!r} is not a row")
-    grid = Grid(name=path.stem, preset=str(d.get("preset", "")) or "digits", seeds=int(d.get("seeds", 3)),
+    seeds = d.get("seeds", 3)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"grid {path}: seeds={seeds!r}: expected a whole number >= 1")
+    grid = Grid(name=path.stem, preset=str(d.get("preset", "")) or "digits", seeds=seeds,
                 rows=tuple(rows), notes=str(d.get("notes", "")).strip())
     for row in rows:
         run_config(grid, row, 0)  # raises ConfigError naming a bad key
@@ -184,10 +197,26 @@ def _get(d: dict, dotted: str) -> Any:
 
 
 def load_state(out: Path, grid: Grid) -> dict:
+    """``OUT/study.json``, checked: a damaged file is one error line naming it, never a traceback.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, is not a study record, or was recorded under
+            another grid.
+    """
     path = out / "study.json"
     if not path.exists():
         return {"grid": grid.name, "preset": grid.preset, "runs": {}}
-    state = json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("runs"), dict):
+            raise ValueError("not a study record (expected an object with 'runs')")
+        for key, rec in state["runs"].items():
+            if not isinstance(rec, dict) or (missing := [k for k in RECORD_KEYS if k not in rec]):
+                raise ValueError(f"run {key!r} lacks {', '.join(missing) if isinstance(rec, dict) else 'a record'}")
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{path} is damaged ({reason}): move it aside to record the study anew; the runs' "
+                          "folders are kept and finished runs resume from their checkpoints") from None
     check_unchanged(grid, state)
     return state
 
@@ -203,6 +232,42 @@ def save_state(out: Path, state: dict) -> None:
 
 class Stop(Exception):
     """The study was asked to stop (SIGTERM / SIGINT); the current run is not recorded."""
+
+
+class Killed(Exception):
+    """A run's process was killed by a signal (an OOM kill, say): not a result, so not recorded; the
+    next invocation of the study runs it again, resuming from its checkpoint."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the study dies, however it dies (``kill -9``
+    included), so that the trainer saves its checkpoint and frees its folder (Linux; elsewhere a
+    no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def wait_for_folder(run_dir: Path, timeout: float = 120.0) -> None:
+    """Wait until no process holds ``run_dir``'s trainer lock (a trainer of an earlier, killed study
+    finishing its last checkpoint); the trainer itself refuses a folder in use."""
+    lock = run_dir / ".lock"
+    if not lock.exists():
+        return
+    deadline = time.monotonic() + timeout
+    with open(lock, "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return  # the trainer reports the folder in use, naming it
+                time.sleep(0.2)
 
 
 class Runner:
@@ -230,13 +295,16 @@ class Runner:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True)  # Ctrl-C reaches it only through us
+                                          start_new_session=True,  # Ctrl-C reaches it only through us
+                                          preexec_fn=_die_with_parent)
             if self.stopping:  # the signal came while it was starting
                 self.child.send_signal(signal.SIGTERM)
             rc = self.child.wait()
             self.child = None
         if self.stopping:
             raise Stop()
+        if rc < 0:
+            raise Killed(f"killed by {signal.Signals(-rc).name}: {' '.join(cmd)} (log: {log_path})")
         if rc != 0:
             raise RuntimeError(f"exit status {rc}: {' '.join(cmd)} (log: {log_path})")
 
@@ -257,6 +325,7 @@ def execute(grid: Grid, row: Row, seed: int, run_dir: Path, runner: Runner) -> d
                 "--out", str(run_dir), *row.set, seed_arg], log)
         res = json.loads((run_dir / "linear_eval.json").read_text())[row.reference]
         return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_lr": res["lr"], "erank": res["erank"]}
+    wait_for_folder(run_dir)
     runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *row.set, seed_arg], log)
     final = final_metrics(run_dir)
     if final is None:
@@ -456,11 +525,37 @@ def eta(state: dict, todo: list[tuple[Row, int]]) -> float:
 def main(grid_name: str, out: str | Path, seeds: int | None = None) -> dict:
     """Run (or continue) the study; returns its state (the content of study.json)."""
     grid = load_grid(grid_name)
-    seeds = seeds or grid.seeds
+    seeds = grid.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: expected at least 1")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_study(out)
+    try:
+        return _run(grid, grid_name, out, seeds)
+    finally:
+        lock.close()
+
+
+def lock_study(out: Path):
+    """Create ``out`` and take its study lock (``OUT/.study.lock``) for the life of this process.
+
+    Raises:
+        ConfigError: another study holds it, or ``out`` cannot be written.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".study.lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"--out {out} is in use by another study (it holds {out / '.study.lock'})") from None
+    return f
+
+
+def _run(grid: Grid, grid_name: str, out: Path, seeds: int) -> dict:
     state = load_state(out, grid)
     state.update(grid=grid.name, preset=grid.preset, machine=machine())
     command = f"python -m train.study --grid {grid_name} --out {out} --seeds {seeds}"
@@ -486,6 +581,10 @@ def main(grid_name: str, out: str | Path, seeds: int | None = None) -> dict:
             spent.write_text(str(earlier + time.perf_counter() - t0))
             print(f"stopped before finishing {key}; re-run the same command to continue", flush=True)
             break
+        except Killed as e:  # not a result: left unrecorded, the next invocation resumes it
+            spent.write_text(str(earlier + time.perf_counter() - t0))
+            print(f"[{key}] not recorded, {e}; the next run of the same command resumes it", flush=True)
+            continue
         except RuntimeError as e:  # the run itself failed (e.g. diverged): a result, recorded
             rec["error"] = str(e)
         rec["wall_s"] = earlier + time.perf_counter() - t0

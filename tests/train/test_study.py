@@ -4,6 +4,7 @@ refusal of a changed grid. The verdict rule on hand-made numbers."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -129,3 +130,95 @@ def test_verdicts():
     assert study.verdict(grid, st, grid.row("a"))[1] == "within noise"  # -3 vs spread 5
     st = _state({"rand": [70, 71, 72], "c": [80, 81, 82]}, erank=1.2)
     assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # effective rank below 2: collapsed
+
+
+# ----------------------------------------------------------------------------- issue 20.9: the study runner's faults
+
+
+def _one_row_grid(path: Path, name: str = "dp", seeds: object = 1) -> Path:
+    path.write_text(json.dumps({"preset": "digits", "seeds": seeds, "rows": [{"name": name, "set": FAST}]}))
+    return path
+
+
+@pytest.mark.parametrize("content", [b'{"grid": "g", "runs": {"dp/seed0": {"row": "dp"', b"\xff\xfe{}", b"",
+                                     b"[1, 2]", b'{"runs": {"dp/seed0": {"row": "dp", "config": {}}}}'],
+                         ids=["truncated", "not-utf8", "empty", "list", "record-without-seed"])
+def test_a_damaged_study_json_is_one_error_naming_it(tmp_path, content):
+    grid, out = _one_row_grid(tmp_path / "g.yaml"), tmp_path / "out"
+    out.mkdir()
+    (out / "study.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"study.json is damaged .*move it aside") as e:
+        study.main(str(grid), out)
+    assert "\n" not in str(e.value)
+    assert (out / "study.json").read_bytes() == content  # left as it was
+
+
+@pytest.mark.parametrize("text, match", [
+    (json.dumps({"preset": "digits", "seeds": "abc", "rows": [{"name": "a"}]}), "seeds='abc'"),
+    ("preset: digits\nrows: [{name: a\n", "invalid YAML"),
+    (json.dumps({"preset": "digits", "rows": [{"name": "../../../escape"}]}), "row name '../../../escape'"),
+])
+def test_bad_grids_are_one_error_line(tmp_path, text, match):
+    p = tmp_path / "g.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(match)) as e:
+        study.load_grid(str(p))
+    assert "\n" not in str(e.value)
+
+
+def test_seeds_0_is_refused_and_a_second_study_on_one_out_too(tmp_path):
+    grid, out = _one_row_grid(tmp_path / "g.yaml"), tmp_path / "out"
+    with pytest.raises(ConfigError, match="--seeds 0: expected at least 1"):
+        study.main(str(grid), out, seeds=0)
+    held = study.lock_study(out)  # another study on the same --out
+    try:
+        with pytest.raises(ConfigError, match="in use by another study"):
+            study.main(str(grid), out)
+    finally:
+        held.close()
+    assert not (out / "study.json").exists()
+
+
+def test_a_run_killed_by_a_signal_is_not_recorded(tmp_path, monkeypatch, capsys):
+    # an OOM kill was recorded as a failure, and the re-run said "already done"
+    grid, out = _one_row_grid(tmp_path / "g.yaml"), tmp_path / "out"
+
+    def killed(grid, row, seed, run_dir, runner):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runner([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], run_dir / "log.txt")
+
+    monkeypatch.setattr(study, "execute", killed)
+    state = study.main(str(grid), out)
+    assert state["runs"] == {} and "killed by SIGKILL" in capsys.readouterr().out
+    assert json.loads((out / "study.json").read_text())["runs"] == {}
+
+
+def test_the_trainer_does_not_outlive_a_killed_study(tmp_path):
+    # the child was started in its own session, survived kill -9 of the study and held its folder's lock
+    script = ("import sys, time; from pathlib import Path; from train import study; r = study.Runner(); "
+              "r([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(120)'], "
+              "Path(sys.argv[1]))")
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen([sys.executable, "-c", script, str(log)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(log.read_text().splitlines() if log.exists() else []) < 2:
+        time.sleep(0.05)
+    child = int(log.read_text().splitlines()[1])
+    parent.kill()
+    parent.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.05)
+    alive = _alive(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
