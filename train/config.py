@@ -451,6 +451,11 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+def flat(cfg: Config) -> dict[str, Any]:
+    """The configuration as ``{"dotted.key": value}`` (tuples as lists)."""
+    return _flatten(to_dict(cfg))
+
+
 def diff(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ between two configurations."""
     fa, fb = _flatten(to_dict(a)), _flatten(to_dict(b))

@@ -36,12 +36,12 @@ import fastpred.functional
 
 from . import checkpoint, data, monitor
 from .augment import eval_transform, two_view_transforms
-from .config import (Config, ConfigError, diff, from_dict, key_summary, load_config, presets, save_yaml, to_dict,
-                     to_yaml, validate)
+from .config import (Config, ConfigError, diff, flat, from_dict, key_summary, load_config, presets, save_yaml,
+                     to_dict, to_yaml, validate)
 from .model import BYOL, build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
 from .utils import (DistInfo, MetricsLog, Preemption, Timer, all_reduce_sum, cleanup_distributed,
-                    gather_objects, init_distributed, log, read_metrics, rng_state, seed_all, set_rng_state, warn)
+                    differences_across_ranks, gather_objects, init_distributed, log, read_metrics, rng_state, seed_all, set_rng_state, warn)
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -628,6 +628,9 @@ def main(cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     try:
+        differ = differences_across_ranks({**flat(cfg), "--out": str(out_dir), "--fresh": fresh})
+        if differ:  # would hang in a collective, or train different things on each rank
+            raise ConfigError(f"the {info.world_size} processes were given different settings: {'; '.join(differ)}")
         run = setup(cfg, Path(out_dir), info)
         lock, state, path = claim_folder(run, fresh)
         try:

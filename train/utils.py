@@ -3,6 +3,7 @@ RNG state, preemption signals and the metrics log (torchvision references' ``uti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -211,6 +212,26 @@ def gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def differences_across_ranks(values: dict[str, Any]) -> list[str]:
+    """The keys of ``values`` (a flat dict of plain values) that differ between ranks, each as
+    ``key (rank 0: a, rank 1: b)``; empty when they agree or when not distributed.
+
+    One all-gather of a digest; only when the digests differ are the values themselves gathered
+    (every rank sees the same digests, so every rank takes part in that second collective)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return []
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=repr).encode()).hexdigest()
+    if len(set(gather_objects(digest))) == 1:
+        return []
+    every = gather_objects(values)
+    out = []
+    for key in sorted(set().union(*every)):
+        seen = [v.get(key) for v in every]
+        if any(x != seen[0] for x in seen[1:]):
+            out.append(f"{key} ({', '.join(f'rank {r}: {x!r}' for r, x in enumerate(seen))})")
     return out
 
 

@@ -40,3 +40,30 @@ def test_two_process_gloo_run(tmp_path):
     assert state["world_size"] == 2 and len(state["per_rank"]) == 2
     # per-rank RNG streams differ (per-rank seeding)
     assert not torch.equal(state["per_rank"][0]["rng"]["torch"], state["per_rank"][1]["rng"]["torch"])
+
+
+def test_ranks_given_different_settings_stop_at_start_naming_the_keys(tmp_path):
+    # issue 20.10: epochs or batch_size mismatched hung in a collective; rho ran to the end; proj_dim crashed in DDP
+    wrapper = tmp_path / "per_rank.py"
+    wrapper.write_text("import os, sys\nfrom train import pretrain\n"
+                       "extra = ['epochs=3', 'model.proj_dim=32', 'predictor.rho=0.5'] if os.environ['RANK'] == '1' else []\n"
+                       "pretrain.cli(sys.argv[1:] + extra)\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           "--out", str(out), "epochs=1", "batch_size=256"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError("mismatched ranks hung:\n" + (stdout + stderr)[-4000:])
+    assert proc.returncode != 0
+    errors = [x for x in stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], stderr[-4000:]  # one line per rank, the same
+    assert ("epochs (rank 0: 1, rank 1: 3); model.proj_dim (rank 0: 64, rank 1: 32); "
+            "predictor.rho (rank 0: 0.3, rank 1: 0.5)") in errors[0]
+    assert "train/pretrain.py" not in stderr  # no traceback from the trainer (torchrun prints its own summary)
+    assert not list(out.glob("*.pt")) if out.exists() else True  # nothing trained
