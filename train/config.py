@@ -184,9 +184,12 @@ class Range:
         return math.isfinite(v) and above and below
 
     def __str__(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
         if self.hi == math.inf:
-            return f"a finite number {'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"a number in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"a finite number {'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"a number in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
 
 
 AT_LEAST_1 = Range(1)
@@ -196,7 +199,9 @@ PROBABILITY = Range(0, 1)
 BELOW_1 = Range(0, 1, hi_open=True)
 
 RANGES: dict[str, Range] = {
-    "epochs": AT_LEAST_1, "seed": NON_NEGATIVE, "batch_size": AT_LEAST_1, "log_every": AT_LEAST_1,
+    # seed: NumPy's seeds (torch's generators take them too); batch_size: BatchNorm in training mode
+    # needs more than one value per channel
+    "epochs": AT_LEAST_1, "seed": Range(0, 2**32 - 1), "batch_size": Range(2), "log_every": AT_LEAST_1,
     "data.image_size": AT_LEAST_1, "data.workers": NON_NEGATIVE, "data.train_subset": NON_NEGATIVE,
     "aug.crop_scale": Range(0, 1, lo_open=True), "aug.flip": PROBABILITY, "aug.jitter": NON_NEGATIVE,
     "aug.jitter_p": PROBABILITY, "aug.gray_p": PROBABILITY, "aug.blur_p": PROBABILITY,
@@ -209,7 +214,7 @@ RANGES: dict[str, Range] = {
     "optim.weight_decay": NON_NEGATIVE, "optim.lars_eta": POSITIVE, "optim.warmup_epochs": NON_NEGATIVE,
     "monitor.knn_every": AT_LEAST_1, "monitor.knn_k": AT_LEAST_1, "monitor.knn_t": POSITIVE,
     "monitor.knn_max_train": NON_NEGATIVE, "monitor.probe_lr": POSITIVE, "monitor.collapse_erank": NON_NEGATIVE,
-    "eval.epochs": AT_LEAST_1, "eval.batch_size": AT_LEAST_1, "eval.lr_grid": POSITIVE,
+    "eval.epochs": AT_LEAST_1, "eval.batch_size": Range(2), "eval.lr_grid": POSITIVE,
     "eval.val_fraction": BELOW_1, "eval.weight_decay": NON_NEGATIVE,
     "ckpt.every_steps": NON_NEGATIVE, "ckpt.keep": AT_LEAST_1,
 }
@@ -224,6 +229,8 @@ def validate(cfg: Config) -> None:
     values = _flatten(to_dict(cfg))
     for key, accepted in RANGES.items():
         value = values[key]
+        if isinstance(value, list) and not value:
+            raise ValueError(f"{key}=[] is empty: it needs at least one value, each {accepted}")
         if not all(v in accepted for v in (value if isinstance(value, list) else [value])):
             each = "each value " if isinstance(value, list) else ""
             raise ValueError(f"{key}={value!r} is out of range: {each}must be {accepted}")

@@ -248,7 +248,7 @@ def train_one_epoch(run: Run, preempt: Preemption) -> bool:
             losses = host_losses(run.pending, info.device)
             avg = sum(l for l, _ in losses) / len(losses)
             if not math.isfinite(avg):
-                raise FloatingPointError(f"loss is {avg} at step {run.step}: training diverged")
+                raise Diverged(diverged_message(run, f"the loss is {avg} at step {run.step}"))
             for l, p in losses:  # in step order, whatever interruptions happened in between
                 run.sums.add(l, p)
             dt = time.perf_counter() - t_log
@@ -351,8 +351,9 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     Raises ConfigError naming the key or path for every user mistake found here."""
     try:
         data.check_data(cfg.data)  # a wrong path fails before anything heavy
-        if cfg.batch_size % info.world_size:
-            raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {info.world_size} processes")
+        if cfg.batch_size % info.world_size or cfg.batch_size < 2 * info.world_size:
+            raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {info.world_size} processes, "
+                             "at least 2 per process (BatchNorm needs more than one image)")
         dtype = amp_dtype(cfg, info.device)
         seed_all(cfg.seed + info.rank)  # per-rank streams; the model is initialised from cfg.seed alone
         train_loader, sampler, bank_loader, test_loader, n_classes, channels = load_data(cfg, info)
@@ -389,10 +390,36 @@ STATE_KEYS = ("config", "step", "epoch", "batch", "world_size", "per_rank", "las
               "scheduler", "scaler", "probe", "probe_optimizer", "diag_corr", "diagnostics", "metrics_lines")
 
 
+class Diverged(ConfigError):
+    """Training diverged (a loss or weight that is not finite): one error line naming the newest
+    checkpoint, which holds finite weights and losses only."""
+
+
+def diverged_message(run: Run, what: str) -> str:
+    kept = checkpoint.checkpoints(run.out)
+    return (f"training diverged: {what}; "
+            + (f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint had been written yet")
+            + f" (optim.lr={run.cfg.optim.lr:g} may be too large)")
+
+
+def check_finite(run: Run) -> None:
+    """Before a checkpoint is written: every pending loss and every weight finite, so that a saved
+    checkpoint is never a diverged one.
+
+    Raises:
+        Diverged: naming the step and the newest (good) checkpoint."""
+    bad = [l for pair in run.pending for l in pair if l is not None and not math.isfinite(l)]
+    weights = torch.stack([p.detach().isfinite().all() for p in run.bare.parameters()]).all()
+    if bad or not bool(all_reduce_sum([float(not weights)], run.info.device)[0] == 0):
+        what = f"a loss of {bad[0]} before step {run.step}" if bad else f"weights not finite at step {run.step}"
+        raise Diverged(diverged_message(run, what))
+
+
 def save_checkpoint(run: Run) -> None:
     """Everything needed to continue exactly. Collective (gathers every rank's RNG state and
-    skip count); rank 0 writes."""
+    skip count); rank 0 writes. Never writes a diverged state (:func:`check_finite`)."""
     run.pending = host_losses(run.pending, run.info.device)  # floats: weights_only-safe
+    check_finite(run)
     per_rank = gather_objects({"rng": rng_state(), "skipped": run.skipped, "pending": run.pending,
                                "epoch_sums": dataclasses.asdict(run.sums)})
     if not run.info.is_main or run.saved_at == (run.step, run.epoch, run.batch):

@@ -172,8 +172,10 @@ def test_checkpoint_still_loads_with_plain_torch_load(finished):
 
 
 @pytest.mark.parametrize("override, accepted", [
-    ("batch_size=0", ">= 1"), ("predictor.eps=.nan", ">= 0"), ("epochs=0", ">= 1"), ("epochs=-1", ">= 1"),
+    ("batch_size=0", ">= 2"), ("predictor.eps=.nan", ">= 0"), ("epochs=0", ">= 1"), ("epochs=-1", ">= 1"),
     ("log_every=0", ">= 1"), ("monitor.knn_k=0", ">= 1"), ("data.image_size=0", ">= 1"),
+    # issue 20.7 and 20.11: a BatchNorm traceback after writing the folder; an overflow naming no key
+    ("batch_size=1", ">= 2"), (f"seed={2**70}", "[0, 4294967295]"),
 ])
 def test_bad_value_is_one_line_naming_key_value_and_range(tmp_path, override, accepted):
     out = tmp_path / "out"
@@ -201,7 +203,9 @@ def test_every_numeric_key_has_a_range():
 
 
 @pytest.mark.parametrize("override", ["optim.lr=.inf", "aug.blur_p=[0.5, 1.5]", "predictor.rho=1",
-                                      "model.ema_tau=-0.1", "ckpt.keep=0", "eval.lr_grid=[0.1, 0]"])
+                                      "model.ema_tau=-0.1", "ckpt.keep=0", "eval.lr_grid=[0.1, 0]",
+                                      # issue 20.11: refused only after the whole pre-training
+                                      "eval.lr_grid=[]", "eval.batch_size=1"])
 def test_more_bad_values_are_refused(override):
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
@@ -485,3 +489,18 @@ def test_tensorboard_has_each_metric_under_one_tag(finished):
     # train/ holds the per-log-step values, epoch/ the epoch's means and evaluations, each once
     assert {"epoch/knn_top1", "epoch/probe_top1", "epoch/erank", "train/loss", "epoch/loss"} <= tags
     assert {t for t in tags if t.startswith("train/")} == {"train/loss", "train/lr", "train/tau", "train/images_per_s"}
+
+
+def test_divergence_is_one_error_line_naming_the_last_good_checkpoint(tmp_path):
+    # issue 20.7: optim.lr=1.0e+30 was a FloatingPointError traceback
+    out = tmp_path / "run"
+    line = _cli(["--out", str(out), "epochs=1", "batch_size=256", "log_every=1", "ckpt.every_steps=1",
+                 "monitor.knn_max_train=200", "optim.lr=1.0e+30"])
+    assert line.startswith("error: training diverged: ") and "optim.lr=1e+30" in line
+    kept = checkpoint.checkpoints(out)
+    if kept:  # the one named holds finite weights only
+        assert str(kept[-1]) in line
+        state = checkpoint.load(kept[-1])
+        assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    else:
+        assert "no checkpoint had been written yet" in line
