@@ -323,8 +323,12 @@ def named_yaml(name_or_path: str, folder: Path, option: str, kind: str) -> Path:
     """
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise FileNotFoundError(f"{option} {name_or_path!r}: no such file")
+        try:
+            p.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{option} {name_or_path!r}: no such file") from None
+        except OSError:  # there, but not for us (permissions): reading it says why, naming it
+            pass
         return p
     p = folder / f"{name_or_path}.yaml"
     if not p.is_file():

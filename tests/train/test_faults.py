@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -344,21 +343,34 @@ def test_out_that_cannot_be_written_is_one_error_line(tmp_path):
     assert "cannot write there" in line and str(blocker / "run") in line
 
 
-def test_read_only_out_is_one_error_line(finished):
-    with tempfile.TemporaryDirectory() as parent:  # outside pytest's 0700 tmp: others may traverse it
-        os.chmod(parent, 0o755)
-        out = _copy(finished, Path(parent) / "run")
-        (out / ".lock").unlink(missing_ok=True)
-        out.chmod(0o555)
-        as_root = os.geteuid() == 0  # root writes into read-only folders: act as nobody meanwhile
+def _as_nobody(monkeypatch, module, name: str) -> None:
+    """Call ``module.name`` as user nobody when running as root (root writes and reads anything), and
+    only it: the rest of the run (the clone, the venv, the data) may live where nobody cannot go."""
+    if os.geteuid() != 0:
+        return
+    original = getattr(module, name)
+
+    def as_nobody(*args, **kwargs):
+        os.seteuid(65534)
         try:
-            if as_root:
-                os.seteuid(65534)
-            line = _cli(["--out", str(out), *RUN, "epochs=2"])
+            return original(*args, **kwargs)
         finally:
-            if as_root:
-                os.seteuid(0)
-            out.chmod(0o755)
+            os.seteuid(0)
+
+    monkeypatch.setattr(module, name, as_nobody)
+
+
+def test_read_only_out_is_one_error_line(finished, tmp_path, monkeypatch):
+    # issue 20.8: this test failed wherever the clone sat under a folder nobody may enter (/root, a 0700
+    # temporary folder): only taking the folder now runs as nobody, not the whole trainer
+    out = _copy(finished, tmp_path / "run")
+    (out / ".lock").unlink(missing_ok=True)
+    out.chmod(0o555)
+    _as_nobody(monkeypatch, checkpoint, "lock_folder")
+    try:
+        line = _cli(["--out", str(out), *RUN, "epochs=2"])
+    finally:
+        out.chmod(0o755)
     assert "cannot write there (Permission denied)" in line
 
 
@@ -504,3 +516,22 @@ def test_divergence_is_one_error_line_naming_the_last_good_checkpoint(tmp_path):
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     else:
         assert "no checkpoint had been written yet" in line
+
+
+@pytest.mark.parametrize("kind", ["unreadable", "folder", "not-utf8"])
+def test_a_config_file_that_cannot_be_read_is_one_error_line(tmp_path, monkeypatch, kind):
+    # issue 20.8: a PermissionError traceback
+    from train import config
+
+    path = tmp_path / "preset.yaml"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"epochs: 2\n" if kind == "unreadable" else b"epochs: \xff\xfe\n")
+    if kind == "unreadable":
+        path.chmod(0)
+        _as_nobody(monkeypatch, config, "read_text")
+    line = _cli(["--config", str(path), "--out", str(tmp_path / "out")])
+    assert str(path) in line
+    assert {"unreadable": "cannot be read (Permission denied)", "folder": "cannot be read (Is a directory)",
+            "not-utf8": "not a UTF-8 text file"}[kind] in line
