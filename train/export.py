@@ -6,10 +6,13 @@
 backbone alone as a plain ``state_dict`` (tensors only) that loads with ``strict=True`` into
 the matching torchvision model, and a JSON file beside it (``<out>.json``) saying what it is:
 
+    import torch, torchvision
     net = torchvision.models.resnet18()                      # resnet50 alike
     net.fc = torch.nn.Identity()                             # the features, not ImageNet logits
+    C = 3                                                    # meta["in_channels"]
     # CIFAR stem (meta["stem"] == "cifar"): 3x3 stride-1 conv1, no max-pool
-    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); net.maxpool = torch.nn.Identity()
+    net.conv1 = torch.nn.Conv2d(C, 64, 3, 1, 1, bias=False); net.maxpool = torch.nn.Identity()
+    # ImageNet stem with C != 3: net.conv1 = torch.nn.Conv2d(C, 64, 7, 2, 3, bias=False)
     net.load_state_dict(torch.load("resnet18_directpred.pt", weights_only=True))
 
 The online backbone is exported by default: it is the network BYOL and DirectPred train and
@@ -138,12 +141,14 @@ def export(ckpt: str | Path, out: str | Path, target: bool = False) -> dict:
 
 
 def load_snippet(meta: dict, path: Path) -> str:
-    """Python lines that rebuild the network and load the exported weights."""
+    """Python lines, complete with their imports, that rebuild the network and load the exported weights."""
     if meta["torchvision_model"] is None:
-        return (f"from train.model import SmallResNet  # this repository's network\n"
+        return (f"import torch\n"
+                f"from train.model import SmallResNet  # this repository's network (run from its clone)\n"
                 f"net = SmallResNet(in_channels={meta['in_channels']})\n"
                 f"net.load_state_dict(torch.load({str(path)!r}, weights_only=True))")
-    lines = [f"net = torchvision.models.{meta['torchvision_model']}()", "net.fc = torch.nn.Identity()"]
+    lines = ["import torch, torchvision", f"net = torchvision.models.{meta['torchvision_model']}()",
+             "net.fc = torch.nn.Identity()"]
     if meta["stem"] == "cifar":
         lines.append(f"net.conv1 = torch.nn.Conv2d({meta['in_channels']}, 64, 3, 1, 1, bias=False)")
         lines.append("net.maxpool = torch.nn.Identity()")

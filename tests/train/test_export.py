@@ -94,3 +94,17 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert r.stderr.startswith("error: --ckpt") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "b.pt").exists()
+
+
+@pytest.mark.parametrize("overrides,channels", [(["model.arch=resnet18", "data.image_size=32"], 1),
+                                                (["model.arch=resnet18", "model.cifar_stem=true", "data.name=cifar10", "data.image_size=16"], 3),
+                                                ([], 1)], ids=["resnet18-1ch", "resnet18-cifar", "small"])
+def test_the_printed_snippet_runs_as_is(tmp_path, overrides, channels):
+    # issue 20.13: the snippet lacked `import torch`
+    ckpt, model = _checkpoint(tmp_path, overrides, channels)
+    meta = export.export(ckpt, tmp_path / "b.pt")
+    scope: dict = {}
+    exec(export.load_snippet(meta, tmp_path / "b.pt"), scope)  # a fresh namespace, as a user's script
+    x = torch.randn(2, channels, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["net"].eval()(x), model.backbone.eval()(x), rtol=0, atol=0)
