@@ -15,7 +15,7 @@ $(PY):
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q setuptools wheel pybind11 ninja
+	$(PIP) install -q 'setuptools>=77' wheel pybind11 ninja  # --no-build-isolation ignores pyproject's
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $@
 

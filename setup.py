@@ -153,4 +153,21 @@ def get_cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def check_build_requirements() -> None:
+    """``pip install --no-build-isolation`` builds with what the environment has and ignores
+    pyproject.toml's build requirements: a stock venv's setuptools (65.5 in Python 3.11) then fails
+    with "project.license must be valid exactly by one definition". Say what is missing instead."""
+    import importlib.util
+
+    import setuptools
+
+    missing = [] if int(setuptools.__version__.split(".")[0]) >= 77 else [
+        f"setuptools>=77 (this environment has {setuptools.__version__})"]
+    missing += [name for name in ("wheel", "pybind11", "torch") if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"fastpred setup: the build needs {', '.join(missing)}: run "
+                 "pip install torch 'setuptools>=77' wheel pybind11 ninja, then this command again")
+
+
+check_build_requirements()
 setup(ext_modules=get_extensions(), cmdclass=get_cmdclass())

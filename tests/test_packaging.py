@@ -82,3 +82,20 @@ def test_make_figures_writes_where_the_readme_shows_them():
     out = re.search(r"--out (\S+)", recipe).group(1)
     shown = set(re.findall(r"!\[[^]]*\]\(([^)]+)/fig[^)]*\.png\)", (ROOT / "README.md").read_text()))
     assert shown == {out}
+
+
+def test_readme_install_lines_install_the_build_requirements_first():
+    """``--no-build-isolation`` ignores ``[build-system] requires``: a stock venv's setuptools 65.5 failed
+    with "project.license must be valid exactly by one definition" (issue 20.13). The README's install
+    block (run verbatim in a fresh venv by .ci/run) installs each build requirement before building."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- install:begin -->")[1].split("<!-- install:end -->")[0]
+    lines = [line.split("#")[0].strip() for line in block.splitlines()]
+    lines = [line for line in lines if line.startswith(("pip ", "python"))]
+    build = next(i for i, line in enumerate(lines) if "--no-build-isolation" in line)
+    before = " ".join(lines[:build])
+    for req in _pyproject()["build-system"]["requires"]:
+        name = re.split(r"[<>=]", req)[0]
+        assert re.search(rf"(^|[\s']){re.escape(name)}([<>=\s']|$)", before), (req, lines[:build])
+    assert "'setuptools>=77'" in before  # the version the licence metadata needs, not just any setuptools
+    assert (ROOT / ".ci" / "run").read_text().count("install:begin") == 1  # CI runs exactly this block
