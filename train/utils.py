@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
-        self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge_step)
+        self.tb = TensorBoard(SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge_step), Path(out_dir) / "tb")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -139,6 +140,56 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class TensorBoard:
+    """A ``SummaryWriter`` whose failures never stop a run: TensorBoard events are an optional copy of
+    ``metrics.jsonl``. The first write that fails (a full disk, a file size limit) is one warning
+    naming the folder; no more events are written after it. The writer's own thread, which writes
+    the file, fails silently here and its error is reported by the next call in the loop."""
+
+    def __init__(self, writer: Any, folder: Path):
+        self.writer, self.folder, self.failed = writer, folder, False
+        _quiet_tensorboard_threads()
+
+    def _call(self, name: str, *args: Any) -> None:
+        if self.failed:
+            return
+        try:
+            getattr(self.writer, name)(*args)
+        except OSError as e:
+            self.failed = True
+            warn(f"TensorBoard events in {self.folder} cannot be written ({e.strerror or e}): no more are "
+                 "written in this run; metrics.jsonl has every record")
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._call("add_scalar", tag, value, step)
+
+    def add_histogram(self, tag: str, values: Any, step: int) -> None:
+        self._call("add_histogram", tag, values, step)
+
+    def close(self) -> None:
+        self._call("close")
+
+
+_thread_hook_installed = False
+
+
+def _quiet_tensorboard_threads() -> None:
+    """Keep an OSError in TensorBoard's writer thread from printing a traceback (its writer re-raises
+    it in the loop's next call, where :class:`TensorBoard` reports it in one line)."""
+    global _thread_hook_installed
+    if _thread_hook_installed:
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    _thread_hook_installed = True
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -156,3 +156,28 @@ def test_ema_target_and_stop_grad_switches():
     model.update_target(0.75)
     for b, t, o in zip(before, model.target_backbone.parameters(), model.backbone.parameters()):
         assert torch.allclose(t, 0.75 * b + 0.25 * o)
+
+
+def test_a_tensorboard_write_that_fails_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, capfd):
+    # issue 20.5: `ulimit -f` hit in the writer's thread: a traceback from that thread, then an error line
+    # naming no file that stopped the run
+    import errno
+    import time
+
+    from tensorboard.summary.writer import record_writer
+
+    from train.utils import MetricsLog
+
+    def too_large(self, data):
+        raise OSError(errno.EFBIG, "File too large")
+
+    log = MetricsLog(tmp_path, True)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", too_large)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+        time.sleep(0.05)  # the writer's thread meets the error meanwhile
+    log.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("TensorBoard events in") == 1 and str(tmp_path / "tb") in err and "File too large" in err
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5  # every record kept
