@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import pickle
+import signal
 import socket
 from dataclasses import dataclass
 from itertools import islice
@@ -405,9 +406,15 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples // self.batch_size
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group: the workers leave it to the trainer, which saves and
+    stops them (a worker killed by it would stop the run with a DataLoader error instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader(ds: Dataset, batch_size: int, workers: int, sampler=None, drop_last: bool = False,
            pin_memory: bool = False) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, worker_init_fn=_ignore_sigint,
                       # the loader's own generator: creating an iterator must not consume the global RNG
                       generator=torch.Generator().manual_seed(0))

@@ -290,12 +290,15 @@ def differences_across_ranks(values: dict[str, Any]) -> list[str]:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop checks it after each step, saves and exits.
+    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) set a flag; the loop checks it after each step, saves and exits.
 
-    ``requested()`` agrees over ranks (one tiny all-reduce), so every rank stops at the same step.
+    A second SIGINT interrupts at once (KeyboardInterrupt), without saving: the way out of a step
+    that never ends. ``requested()`` agrees over ranks (one tiny all-reduce), so every rank stops at
+    the same step.
     """
 
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None),
+                                signal.SIGINT) if s)
 
     def __init__(self, device: torch.device):
         self.flag = False
@@ -303,6 +306,10 @@ class Preemption:
         self.previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.flag:
+                raise KeyboardInterrupt
+            log("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to stop without saving)")
         self.flag = True
 
     def requested(self) -> bool:

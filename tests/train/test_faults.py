@@ -535,3 +535,25 @@ def test_a_config_file_that_cannot_be_read_is_one_error_line(tmp_path, monkeypat
     assert str(path) in line
     assert {"unreadable": "cannot be read (Permission denied)", "folder": "cannot be read (Is a directory)",
             "not-utf8": "not a UTF-8 text file"}[kind] in line
+
+
+def test_ctrl_c_saves_after_the_step_and_the_resume_is_exact(finished, tmp_path, monkeypatch, capsys):
+    # issue 20.11: SIGINT was a KeyboardInterrupt traceback and no save (SIGTERM saved); with DataLoader
+    # workers, which the same Ctrl-C reaches
+    from train.model import BYOL
+
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    original = BYOL.update_target
+
+    def update_target(self, tau):  # Ctrl-C in the middle of step 5
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(self, tau)
+
+    monkeypatch.setattr(BYOL, "update_target", update_target)
+    pretrain.main(load_config(None, [*RUN, "data.workers=1"]), out)
+    monkeypatch.setattr(BYOL, "update_target", original)
+    assert "Ctrl-C: saving a checkpoint after this step" in capsys.readouterr().out
+    a, b = checkpoint.load(finished / CKPT5), checkpoint.load(out / "last.pt")
+    assert b["step"] == 5
+    for k in a["model"]:  # the step finished exactly as in the uninterrupted run
+        assert torch.equal(a["model"][k], b["model"][k]), k
