@@ -6,42 +6,43 @@
 Every value is checked before anything runs. Re-running with the same ``--out`` resumes from the
 newest usable checkpoint there (each one carries a digest verified on load; a bad one is reported
 and the previous one tried; when none is usable the run stops unless ``--fresh`` is given). One
-trainer at a time owns a folder (a lock on ``DIR/.lock``). SIGTERM or SIGUSR1 saves a checkpoint
-after the current step and exits with status 0. On CPU a resumed run ends bit-identical to an
-uninterrupted one: augmentations are seeded per sample from (seed, epoch, index) and the sampler
-restarts inside the epoch where the run stopped.
+trainer at a time owns a folder (a lock on ``DIR/.lock``). SIGTERM, SIGUSR1 or Ctrl-C saves a
+checkpoint after the current step and exits with status 0. On CPU a resumed run ends bit-identical
+to an uninterrupted one: augmentations are seeded per sample from (seed, epoch, index) and the
+sampler restarts inside the epoch where the run stopped.
+
+This file is the loop (``train_step``, ``train_one_epoch``, ``evaluate``, ``end_of_epoch``, ``fit``,
+``main``); what a run holds is in :mod:`train.run_state`, starting and resuming in :mod:`train.resume`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import fastpred.functional
 
-from . import checkpoint, data, monitor
+from . import data, monitor
 from .augment import eval_transform, two_view_transforms
-from .config import (Config, ConfigError, diff, flat, from_dict, key_summary, load_config, presets, save_yaml,
-                     to_dict, to_yaml, validate)
-from .model import BYOL, build_model, predictor_matrix
+from .config import Config, ConfigError, flat, key_summary, load_config, presets, to_yaml, validate
+from .model import build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
-from .utils import (DistInfo, MetricsLog, Preemption, Timer, all_reduce_sum, cleanup_distributed,
-                    differences_across_ranks, gather_objects, init_distributed, log, read_metrics, rng_state, seed_all, set_rng_state, warn)
+from .resume import (Diverged, check_resumable, claim_folder, config_changes, diverged_message, finished_outputs,
+                     save_checkpoint, start)
+from .run_state import EpochSums, Learner, Run, bare_module, host_losses
+from .utils import (DistInfo, Preemption, Timer, all_reduce_sum, cleanup_distributed, differences_across_ranks,
+                    gather_objects, init_distributed, log, seed_all, warn)
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,96 +55,13 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return AMP[cfg.amp]
 
 
-@dataclass
-class EpochSums:
-    """This rank's running sums over the current epoch, for its mean losses."""
-
-    loss: float = 0.0
-    steps: int = 0
-    probe_loss: float = 0.0
-    probe_steps: int = 0
-
-    def add(self, loss: float, probe_loss: float | None) -> None:
-        self.loss += loss
-        self.steps += 1
-        if probe_loss is not None:
-            self.probe_loss += probe_loss
-            self.probe_steps += 1
-
-
-@dataclass(kw_only=True)
-class Learner:
-    """What one optimizer step updates (:func:`train_step`)."""
-
-    bare: BYOL  # the network before any DDP wrap: saved, evaluated, EMA-updated
-    model: nn.Module  # what the step calls (DDP(bare) under torchrun)
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    dtype: torch.dtype | None  # autocast dtype, None for float32
-    probe: nn.Module | None = None  # online linear probe on detached features
-    probe_opt: torch.optim.Optimizer | None = None
-
-
-@dataclass(kw_only=True)
-class Run(Learner):
-    """Everything one pre-training run holds; ``step``...``last_eval`` travel in the checkpoint."""
-
-    cfg: Config
-    info: DistInfo
-    out: Path
-    sampler: data.ResumableSampler
-    train_loader: Any
-    bank_loader: Any
-    test_loader: Any
-    num_classes: int
-    total_steps: int
-    diag: monitor.Diagnostics
-    diag_corr: torch.Tensor | None  # F̂ for predictors that keep none (linear, mlp, none)
-    mlog: MetricsLog | None = None
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches of `epoch` already trained
-    skipped: int = 0  # unreadable images met by this rank
-    # per-step losses not yet logged and the epoch's running sums (per rank), checkpointed and always
-    # summed in step order, so a resumed run logs exactly what an uninterrupted one does
-    pending: list = field(default_factory=list)  # [(loss, probe loss or None)] since the last log line
-    sums: EpochSums = field(default_factory=EpochSums)
-    last_eval: dict = field(default_factory=dict)
-    saved_at: tuple = ()
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _bare(m: nn.Module) -> nn.Module:
-    return m.module if isinstance(m, DDP) else m
 
 
 def own_corr(predictor: nn.Module) -> torch.Tensor | None:
     """The predictor's own single F̂ (d x d), if it keeps one."""
     corr = getattr(predictor, "corr", None)
     return corr if isinstance(predictor, fastpred.DirectPredictor) and corr.ndim == 2 else None
-
-
-def host_losses(pending: list, device: torch.device) -> list[tuple[float, float | None]]:
-    """The pending (loss, probe loss or None) pairs as Python floats, with one device-to-host copy.
-
-    An entry is a device tensor, or already a float when it came back from a checkpoint."""
-    if not pending:
-        return []
-    flat = [v for pair in pending for v in pair if v is not None]
-    values = torch.stack([v.double() if isinstance(v, torch.Tensor)
-                          else torch.tensor(v, dtype=torch.float64, device=device) for v in flat]).tolist()
-    out, i = [], 0
-    for _, probe_loss in pending:
-        if probe_loss is None:
-            out.append((values[i], None))
-            i += 1
-        else:
-            out.append((values[i], values[i + 1]))
-            i += 2
-    return out
 
 
 def write_plots(run: Run) -> None:
@@ -168,21 +86,13 @@ def write_plots(run: Run) -> None:
             raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
 
 
-def finished_outputs(out: Path, step: int) -> bool:
-    """Whether a run that trained to ``step`` also finished: its ``"final": true`` record and plots."""
-    final = any(r.get("final") and r.get("step") == step and "linear_eval" not in r
-                for r in read_metrics(out / "metrics.jsonl"))
-    return final and all((out / n).is_file() and (out / n).stat().st_size > 0
-                         for n in ("diagnostics.json", "diagnostics.png"))
-
-
 def check_replicas(run: Run) -> None:
     """Under DDP every rank must end with the same parameters and predictor state (F̂, W_p)."""
     if not run.info.distributed:
         return
     with torch.no_grad():
-        sums = [float(p.double().sum()) for p in run.bare.parameters()]
-        sums += [float(b.double().sum()) for b in run.bare.predictor.buffers()]
+        sums = [float(p.double().sum()) for p in run.learner.bare.parameters()]
+        sums += [float(b.double().sum()) for b in run.learner.bare.predictor.buffers()]
     every = gather_objects(sums)
     if any(s != every[0] for s in every[1:]):
         warn("ranks ended with different weights or predictor state")
@@ -224,7 +134,7 @@ def train_one_epoch(run: Run, preempt: Preemption) -> bool:
     """Train ``run.epoch`` from batch ``run.batch``. Returns True when stopped by a signal
     (after writing the checkpoint)."""
     cfg, info = run.cfg, run.info
-    run.model.train()
+    run.learner.model.train()
     n_batches = run.sampler.batches_per_epoch()
     if run.batch == 0:
         run.sums = EpochSums()
@@ -236,8 +146,8 @@ def train_one_epoch(run: Run, preempt: Preemption) -> bool:
         if cfg.model.channels_last:
             v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
         tau = ema_tau(run.step, run.total_steps, cfg.model.ema_tau, cfg.model.ema_schedule)
-        lr = run.optimizer.param_groups[0]["lr"]
-        loss, probe_loss, z = train_step(run, v1, v2, labels, tau)
+        lr = run.learner.optimizer.param_groups[0]["lr"]
+        loss, probe_loss, z = train_step(run.learner, v1, v2, labels, tau)
         if run.diag_corr is not None:
             fastpred.functional.corr_ema_(run.diag_corr, z.float(), cfg.predictor.rho, first=run.step == 0)
         run.step += 1
@@ -270,17 +180,17 @@ def train_one_epoch(run: Run, preempt: Preemption) -> bool:
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """kNN top-1 (%) of the backbone features, online-probe top-1 (%) on the test set, effective rank."""
-    cfg, info, backbone = run.cfg, run.info, run.bare.backbone
+    cfg, info, backbone = run.cfg, run.info, run.learner.bare.backbone
     cl = cfg.model.channels_last
-    train_f, train_y = monitor.extract_features(backbone, run.bank_loader, info.device, run.dtype, cl)
+    train_f, train_y = monitor.extract_features(backbone, run.bank_loader, info.device, run.learner.dtype, cl)
     res = {}
     if run.test_loader is not None:  # None: unlabeled data, nothing to vote with
-        test_f, test_y = monitor.extract_features(backbone, run.test_loader, info.device, run.dtype, cl)
+        test_f, test_y = monitor.extract_features(backbone, run.test_loader, info.device, run.learner.dtype, cl)
         res["knn_top1"] = monitor.knn_top1(train_f, train_y, test_f, test_y, cfg.monitor.knn_k, cfg.monitor.knn_t,
                                            run.num_classes)
     res["erank"] = monitor.effective_rank(train_f)
-    if run.probe is not None:
-        res["probe_top1"] = 100.0 * float((_bare(run.probe)(test_f).argmax(1) == test_y).float().mean())
+    if run.learner.probe is not None:
+        res["probe_top1"] = 100.0 * float((bare_module(run.learner.probe)(test_f).argmax(1) == test_y).float().mean())
     return res
 
 
@@ -291,10 +201,10 @@ def end_of_epoch(run: Run, timer: Timer) -> None:
     if (run.epoch + 1) % cfg.monitor.knn_every == 0 or run.epoch + 1 == cfg.epochs:
         res = evaluate(run)
         run.last_eval = res
-    corr = own_corr(run.bare.predictor)
+    corr = own_corr(run.learner.bare.predictor)
     corr = run.diag_corr if corr is None else corr
-    run.diag.record(run.epoch + 1, corr, predictor_matrix(run.bare.predictor), res.get("erank", math.nan))
-    monitor.write_tensorboard(run.mlog.tb, run.step, run.diag, run.bare.predictor)
+    run.diag.record(run.epoch + 1, corr, predictor_matrix(run.learner.bare.predictor), res.get("erank", math.nan))
+    monitor.write_tensorboard(run.mlog.tb, run.step, run.diag, run.learner.bare.predictor)
     s = run.sums
     skipped, loss_sum, n, probe_sum, n_probe = all_reduce_sum(
         [run.skipped, s.loss, s.steps, s.probe_loss, s.probe_steps], info.device)
@@ -302,14 +212,14 @@ def end_of_epoch(run: Run, timer: Timer) -> None:
     epoch_loss = loss_sum / max(n, 1)
     rec = {"step": run.step, "epoch": run.epoch + 1, "loss": epoch_loss, **res, "skipped_images": skipped,
            "epoch_time": timer()}
-    if run.probe is not None:
+    if run.learner.probe is not None:
         rec["probe_loss"] = probe_sum / max(n_probe, 1)
     run.mlog.write(rec)
     log(f"epoch {run.epoch + 1}/{cfg.epochs}  step {run.step}  loss {epoch_loss:.4f}"
         + (f"  knn {res['knn_top1']:.2f}%" if "knn_top1" in res else "")
         + (f"  probe {res['probe_top1']:.2f}%" if "probe_top1" in res else "")
         + (f"  erank {res['erank']:.1f}" if "erank" in res else "")
-        + f"  lr {run.optimizer.param_groups[0]['lr']:.4g}  {timer():.1f}s"
+        + f"  lr {run.learner.optimizer.param_groups[0]['lr']:.4g}  {timer():.1f}s"
         + (f"  skipped images {skipped}" if skipped else ""))
     if res and (msg := monitor.collapse_message(res["erank"], cfg.monitor.collapse_erank)):
         warn(msg)
@@ -317,7 +227,7 @@ def end_of_epoch(run: Run, timer: Timer) -> None:
     save_checkpoint(run)
 
 
-# ----------------------------------------------------------------------------- setup, checkpoints, fit
+# ----------------------------------------------------------------------------- setup, fit, finish
 
 
 def load_data(cfg: Config, info: DistInfo):
@@ -380,227 +290,18 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     diag_corr = None  # a single-F̂ DirectPredictor keeps its own (predictor.corr)
     if own_corr(bare.predictor) is None:
         diag_corr = torch.zeros(cfg.model.proj_dim, cfg.model.proj_dim, device=info.device)
-    return Run(cfg=cfg, info=info, out=out, bare=bare, model=bare, optimizer=optimizer, scheduler=scheduler,
-               scaler=scaler, probe=probe, probe_opt=probe_opt, sampler=sampler, train_loader=train_loader,
-               bank_loader=bank_loader, test_loader=test_loader, num_classes=n_classes, dtype=dtype,
-               total_steps=total_steps, diag=monitor.Diagnostics(), diag_corr=diag_corr)
-
-
-STATE_KEYS = ("config", "step", "epoch", "batch", "world_size", "per_rank", "last_eval", "model", "optimizer",
-              "scheduler", "scaler", "probe", "probe_optimizer", "diag_corr", "diagnostics", "metrics_lines")
-
-
-class Diverged(ConfigError):
-    """Training diverged (a loss or weight that is not finite): one error line naming the newest
-    checkpoint, which holds finite weights and losses only."""
-
-
-def diverged_message(run: Run, what: str) -> str:
-    kept = checkpoint.checkpoints(run.out)
-    return (f"training diverged: {what}; "
-            + (f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint had been written yet")
-            + f" (optim.lr={run.cfg.optim.lr:g} may be too large)")
-
-
-def check_finite(run: Run) -> None:
-    """Before a checkpoint is written: every pending loss and every weight finite, so that a saved
-    checkpoint is never a diverged one.
-
-    Raises:
-        Diverged: naming the step and the newest (good) checkpoint."""
-    bad = [l for pair in run.pending for l in pair if l is not None and not math.isfinite(l)]
-    weights = torch.stack([p.detach().isfinite().all() for p in run.bare.parameters()]).all()
-    if bad or not bool(all_reduce_sum([float(not weights)], run.info.device)[0] == 0):
-        what = f"a loss of {bad[0]} before step {run.step}" if bad else f"weights not finite at step {run.step}"
-        raise Diverged(diverged_message(run, what))
-
-
-def save_checkpoint(run: Run) -> None:
-    """Everything needed to continue exactly. Collective (gathers every rank's RNG state and
-    skip count); rank 0 writes. Never writes a diverged state (:func:`check_finite`)."""
-    run.pending = host_losses(run.pending, run.info.device)  # floats: weights_only-safe
-    check_finite(run)
-    per_rank = gather_objects({"rng": rng_state(), "skipped": run.skipped, "pending": run.pending,
-                               "epoch_sums": dataclasses.asdict(run.sums)})
-    if not run.info.is_main or run.saved_at == (run.step, run.epoch, run.batch):
-        return
-    state = {
-        "config": to_dict(run.cfg), "step": run.step, "epoch": run.epoch, "batch": run.batch,
-        "world_size": run.info.world_size, "per_rank": per_rank, "last_eval": run.last_eval,
-        "model": run.bare.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-        "probe": _bare(run.probe).state_dict() if run.probe is not None else None,
-        "probe_optimizer": run.probe_opt.state_dict() if run.probe_opt is not None else None,
-        "diag_corr": run.diag_corr, "diagnostics": run.diag.state_dict(), "metrics_lines": run.mlog.lines,
-    }
-    checkpoint.save(state, run.out, run.step, run.cfg.ckpt.keep)
-    run.saved_at = (run.step, run.epoch, run.batch)
-
-
-def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | None]:
-    """Rank 0 locks ``run.out``, removes temp files of interrupted saves, sets the folder's contents
-    aside when ``fresh``, and picks the newest usable checkpoint; every rank loads that same one.
-
-    Returns (the lock on rank 0, else None; the checkpoint's state or None; its path).
-    Raises ConfigError on every rank when rank 0 found a problem (folder in use, none usable).
-    """
-    lock = state = path = error = None
-    if run.info.is_main:
-        try:
-            lock, state, path = _claim_on_main(run.out, fresh, weights_fit(run))
-        except ConfigError as e:
-            if not run.info.distributed:
-                raise
-            error = str(e)
-    error, path = gather_objects((error, path))[0]
-    if error is not None:
-        raise ConfigError(error)
-    if path is not None and state is None:  # the other ranks load what rank 0 chose
-        state = checkpoint.load(path, required=STATE_KEYS)
-    return lock, state, path
-
-
-def weights_fit(run: Run):
-    """``fits(state)`` for :func:`checkpoint.load_latest`: None when the checkpoint's network (and
-    probe) have this run's parameter names and shapes, else which differ."""
-    ours = {"model": run.bare.state_dict(), "probe": _bare(run.probe).state_dict() if run.probe else None}
-
-    def fits(state: dict) -> str | None:
-        problems = []
-        for part, mine in ours.items():
-            theirs = state[part]
-            if mine is None or theirs is None:
-                if (mine is None) != (theirs is None) and part == "model":
-                    problems.append(f"{part}: missing")
-                continue
-            for k in sorted(mine.keys() | theirs.keys()):
-                if k not in theirs or k not in mine:
-                    problems.append(f"{k} {'missing' if k not in theirs else 'not in this model'}")
-                elif tuple(mine[k].shape) != tuple(theirs[k].shape):
-                    problems.append(f"{k} {tuple(theirs[k].shape)} there, {tuple(mine[k].shape)} here")
-        if not problems:
-            return None
-        keys = [k for k in config_changes(state, run.cfg) if k.startswith(("model.", "predictor.", "data."))]
-        return (f"its weights do not fit this model ({'; '.join(problems[:3])}"
-                + (f"; {len(problems) - 3} more" if len(problems) > 3 else "") + ")"
-                + (f", configured with other values for {', '.join(keys)}" if keys else ""))
-
-    return fits
-
-
-def _claim_on_main(out: Path, fresh: bool, fits) -> tuple[IO, dict | None, Path | None]:
-    lock = checkpoint.lock_folder(out)
-    try:
-        for p in checkpoint.remove_temp_files(out):
-            log(f"removed {p.name}, left by an interrupted checkpoint save")
-        if fresh and (old := checkpoint.set_aside(out)):
-            log(f"--fresh: the earlier contents of {out} are now in {old}")
-        state, path = checkpoint.load_latest(out, required=STATE_KEYS, fits=fits)
-    except BaseException:
-        lock.close()
-        raise
-    return lock, state, path
-
-
-# values the restored optimizer, scheduler, sampler and RNG state carry: a resume cannot apply new ones
-FIXED_ON_RESUME = ("optim.", "batch_size", "seed")
-
-
-def check_resumable(state: dict, cfg: Config, path: Path) -> None:
-    """Refuse a resume whose new values the checkpoint's state would silently override.
-
-    ``optim.*`` (the restored optimizer and schedule state keep the checkpoint's), ``batch_size``
-    and ``seed`` (the sampler's position and order, the RNG streams) cannot change on resume, nor
-    can ``epochs`` drop to where the checkpoint already is (its final evaluation would be an older one).
-
-    Raises:
-        ConfigError: naming the keys, both values, and what to do instead.
-    """
-    changed = [k for k in config_changes(state, cfg) if k.startswith(FIXED_ON_RESUME)]
-    saved = state["config"]
-    if changed:
-        values = ", ".join(f"{k} {_get(saved, k)!r} -> {_get(to_dict(cfg), k)!r}" for k in changed)
-        raise ConfigError(f"{path} cannot be resumed with other values for {values}: the checkpoint's optimizer, "
-                          "schedule and sampler state would keep the old ones; use the checkpoint's values, "
-                          "or --fresh to start over with these")
-    if state["epoch"] >= cfg.epochs and saved.get("epochs") != cfg.epochs:
-        raise ConfigError(f"epochs={cfg.epochs}: {path} has already trained {state['epoch']} epochs "
-                          f"(of epochs={saved.get('epochs')}); use epochs>={state['epoch'] + (state['batch'] > 0)}, "
-                          "or --fresh to start over")
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
-
-
-def config_changes(state: dict, cfg: Config) -> list[str]:
-    """The configuration keys whose values in ``cfg`` differ from the checkpoint's."""
-    try:
-        return diff(from_dict(state["config"]), cfg)
-    except ValueError as e:  # written by a version with other keys
-        return [f"(saved configuration not comparable: {e})"]
-
-
-def restore(run: Run, state: dict, path: Path) -> list[str]:
-    """Continue from a checkpoint: weights, predictor state, optimizer, schedules, position, RNG.
-
-    Returns the configuration keys whose values differ from the checkpoint's."""
-    changed = config_changes(state, run.cfg)
-    if changed:  # the command line decides; said first, in case the weights no longer fit
-        warn(f"resuming {path} with a different configuration for: {', '.join(changed)}")
-    run.bare.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    if run.probe is not None and state["probe"] is not None:
-        _bare(run.probe).load_state_dict(state["probe"])
-        run.probe_opt.load_state_dict(state["probe_optimizer"])
-    if run.diag_corr is not None and state["diag_corr"] is not None:
-        run.diag_corr.copy_(state["diag_corr"])
-    run.diag.load_state_dict(state["diagnostics"])
-    if state["world_size"] != run.info.world_size:
-        warn(f"{path} was written by {state['world_size']} processes, now {run.info.world_size}: "
-             "the order inside the interrupted epoch and the RNG streams will differ")
-    mine = state["per_rank"][run.info.rank % len(state["per_rank"])]
-    set_rng_state(mine["rng"])
-    sums = mine["epoch_sums"]  # a list in checkpoints written before EpochSums
-    run.sums = EpochSums(*sums) if isinstance(sums, list) else EpochSums(**sums)
-    run.skipped, run.pending = mine["skipped"], [tuple(p) for p in mine["pending"]]
-    run.step, run.epoch, run.batch, run.last_eval = state["step"], state["epoch"], state["batch"], state["last_eval"]
-    log(f"resumed from {path}: step {run.step}, epoch {run.epoch + 1}, batch {run.batch}")
-    return changed
-
-
-def start(run: Run, state: dict | None, path: Path | None) -> None:
-    """Restore ``state`` if any, open the metrics log, record the configuration, wrap in DDP.
-
-    ``config.yaml`` is written once, when the run starts (or from the checkpoint, when missing),
-    and never rewritten: a resume with values other than the checkpoint's saves them beside it as
-    ``config_from_step_<step>.yaml``."""
-    changed = restore(run, state, path) if state is not None else []
-    run.mlog = MetricsLog(run.out, run.info.is_main, keep_lines=state["metrics_lines"] if state else 0,
-                          purge_step=run.step)
-    if run.info.is_main:
-        if not (run.out / "config.yaml").exists():
-            save_yaml(state["config"] if state is not None else run.cfg, run.out / "config.yaml")
-        if changed:
-            beside = run.out / f"config_from_step_{run.step}.yaml"
-            save_yaml(run.cfg, beside)
-            log(f"config.yaml keeps the configuration of the checkpoint; this run's is in {beside.name}")
-    if run.info.distributed:  # wrap after restoring; DDP broadcasts rank 0's weights
-        ids = [run.info.device.index] if run.info.device.type == "cuda" else None
-        run.model = DDP(run.bare, device_ids=ids)
-        if run.probe is not None:
-            run.probe = DDP(run.probe, device_ids=ids)
+    learner = Learner(bare=bare, model=bare, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
+                      probe=probe, probe_opt=probe_opt)
+    return Run(cfg=cfg, info=info, out=out, learner=learner, sampler=sampler, train_loader=train_loader,
+               bank_loader=bank_loader, test_loader=test_loader, num_classes=n_classes, total_steps=total_steps,
+               diag=monitor.Diagnostics(), diag_corr=diag_corr)
 
 
 def fit(run: Run) -> dict:
     """Train to ``cfg.epochs`` (or a signal), evaluating every ``monitor.knn_every`` epochs.
     Returns the last evaluation."""
     cfg, info = run.cfg, run.info
-    n_params = sum(p.numel() for p in run.bare.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in run.learner.bare.parameters() if p.requires_grad)
     log(f"pre-training {cfg.model.arch} + {cfg.predictor.name} predictor on {cfg.data.name}: "
         f"{len(run.sampler.dataset)} images, {run.sampler.batches_per_epoch()} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {cfg.batch_size} on {info.world_size} x {info.device.type}, "

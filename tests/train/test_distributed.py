@@ -46,8 +46,8 @@ def test_ranks_given_different_settings_stop_at_start_naming_the_keys(tmp_path):
     # issue 20.10: epochs or batch_size mismatched hung in a collective; rho ran to the end; proj_dim crashed in DDP
     wrapper = tmp_path / "per_rank.py"
     wrapper.write_text("import os, sys\nfrom train import pretrain\n"
-                       "extra = ['epochs=3', 'model.proj_dim=32', 'predictor.rho=0.5'] if os.environ['RANK'] == '1' else []\n"
-                       "pretrain.cli(sys.argv[1:] + extra)\n")
+                       "extra = ['epochs=3', 'model.proj_dim=32', 'predictor.rho=0.5']\n"
+                       "pretrain.cli(sys.argv[1:] + (extra if os.environ['RANK'] == '1' else []))\n")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),

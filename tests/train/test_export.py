@@ -96,9 +96,11 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path):
     assert not (tmp_path / "b.pt").exists()
 
 
-@pytest.mark.parametrize("overrides,channels", [(["model.arch=resnet18", "data.image_size=32"], 1),
-                                                (["model.arch=resnet18", "model.cifar_stem=true", "data.name=cifar10", "data.image_size=16"], 3),
-                                                ([], 1)], ids=["resnet18-1ch", "resnet18-cifar", "small"])
+@pytest.mark.parametrize("overrides,channels", [
+    (["model.arch=resnet18", "data.image_size=32"], 1),
+    (["model.arch=resnet18", "model.cifar_stem=true", "data.name=cifar10", "data.image_size=16"], 3),
+    ([], 1),
+], ids=["resnet18-1ch", "resnet18-cifar", "small"])
 def test_the_printed_snippet_runs_as_is(tmp_path, overrides, channels):
     # issue 20.13: the snippet lacked `import torch`
     ckpt, model = _checkpoint(tmp_path, overrides, channels)
