@@ -1,7 +1,11 @@
 """The eigendecomposition of F with the fallbacks a long run needs, and its one error.
 
-Used by :func:`fastpred.functional.directpred_weight` and by the warm solver
-(:mod:`fastpred.solvers`), each with the backend it was given.
+The one retry chain of fastpred: every eigendecomposition (the eigh path of
+:func:`fastpred.functional.directpred_weight`, the closed form's top eigenpair in
+:mod:`fastpred.solvers`, the experimental warm solver) goes through
+:func:`symmetric_eigh`. Below it a GPU backend's driver (:mod:`fastpred.eigh_driver`)
+only chooses which cuSOLVER routine runs a call; it retries nothing in float64 itself
+except when every float32 routine raised.
 """
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ class EighError(RuntimeError):
     """The eigendecomposition failed, in float32 and again in float64 with jitter."""
 
 
-def symmetric_eigh(corr: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def symmetric_eigh(
+    corr: Tensor, *, backend: "str | backends.Backend" = "auto", dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric matrix with the fallbacks a long run needs.
 
     The backend's solver first; if it fails (or, on CPU, returns non-finite
     eigenvalues), the reference in float64; if that fails, float64 again with a jitter
-    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are float32.
+    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are in ``dtype``
+    (float32 unless asked otherwise).
 
     Raises:
         EighError: all three attempts failed.
@@ -50,5 +57,5 @@ def symmetric_eigh(corr: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tens
         if s.device.type == "cpu" and not torch.isfinite(s).all():
             errors.append("non-finite eigenvalues")
             continue
-        return s.float(), u.float()
+        return s.to(dtype), u.to(dtype)
     raise EighError("eigendecomposition failed: " + "; ".join(errors))

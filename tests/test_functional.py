@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastpred import DirectPredictor
 from fastpred import functional as F
 from fastpred.eig_map import EigMap
 from reference_numpy import directpred_weight as np_weight
@@ -100,11 +101,13 @@ def test_directpred_weight_batched_equals_loop():
         torch.testing.assert_close(batched[b], F.directpred_weight(corrs[b]), rtol=1e-5, atol=1e-6)
 
 
-def test_negative_absolute_eps_uses_general_rebuild():
-    corr = torch.diag(torch.tensor([4.0, 1.0, 0.0]))
-    w = F.directpred_weight(corr, eps=-0.5, eps_mode="absolute")
-    # p = sqrt([0, 1, 4]) - 0.5 * 4 = [-2, -1, 0] in ascending eigen order of diag(4, 1, 0)
-    torch.testing.assert_close(w, torch.diag(torch.tensor([0.0, -1.0, -2.0])), atol=1e-6, rtol=0)
+@pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
+def test_negative_eps_is_refused_by_name(eps_mode):
+    """eps < 0 gave W_p = min_eig I (relative) or a negative-definite W_p (absolute)."""
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        F.directpred_weight(torch.eye(3), eps=-0.5, eps_mode=eps_mode)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        DirectPredictor(3, eps=-0.1)
 
 
 def test_eigh_falls_back_to_float64(monkeypatch):
@@ -146,17 +149,6 @@ def test_eigh_error_when_every_attempt_fails(monkeypatch):
 def test_bad_map_arguments_are_named(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         F.directpred_weight(torch.eye(3), **kwargs)
-
-
-@pytest.mark.parametrize("eps, eps_mode, min_eig", [
-    (0.1, "relative", 1e-4), (-0.5, "relative", 0.0), (-0.5, "relative", -1.0), (0.0, "absolute", 1e-4),
-    (-0.1, "absolute", 1.0),
-])
-def test_nonnegative_says_whether_the_map_can_go_below_zero(eps, eps_mode, min_eig):
-    """The V V^T shortcut of the rebuilds rests on this claim, made without data."""
-    eig_map = EigMap(eps=eps, power=0.5, eps_mode=eps_mode, min_eig=min_eig)
-    s = torch.tensor([[0.0, 0.0], [0.0, 1.0], [-1.0, 4.0]])  # F = 0, a zero eigenvalue, a negative one
-    assert (eig_map(s).min().item() >= 0) == eig_map.nonnegative
 
 
 @pytest.mark.parametrize("weight", [1.0, torch.tensor(1.0)], ids=["float", "tensor"])
