@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import backends
 from .eig_map import EigMap
-from .eigh import symmetric_eigh
+from .eigh import symmetric_eigh, symmetric_eigvalsh
 
 SOLVERS = ("auto", "eigh", "closed_form", "newton_schulz", "warm")
 EXPERIMENTAL = ("newton_schulz", "warm")
@@ -84,7 +84,8 @@ def top_eigenvalue(corr: Tensor, top: Tensor | None = None, *, cold: bool = Fals
     """Largest eigenvalue ``(...,)`` (float64) of a symmetric PSD ``corr`` (its lower triangle).
 
     Cold (``top`` None, or ``cold=True``): exact, the top of a full eigendecomposition
-    by :func:`fastpred.eigh.symmetric_eigh` (float32, as the eigh path). Warm: Rayleigh-Ritz
+    in float32, as the eigh path (:func:`fastpred.eigh.symmetric_eigvalsh`: the
+    eigenvalues alone, when no eigenvector is to be kept). Warm: Rayleigh-Ritz
     on span(v, Fv, ..., F^7 v) with v = ``top`` (the last top eigenvector; normalised
     columns, orthonormalised by one QR in float64), whose small projected matrix goes
     through the same eigensolver chain. The subspace contains v, so the estimate is
@@ -97,7 +98,9 @@ def top_eigenvalue(corr: Tensor, top: Tensor | None = None, *, cold: bool = Fals
     f = f.tril() + f.tril(-1).mT  # the lower triangle, as eigh reads it
     finite = torch.isfinite(f).all(-1).all(-1)  # (...)
     f = torch.where(finite[..., None, None], f, torch.zeros_like(f))
-    if top is None or cold:
+    if top is None:
+        s_top, v_top = symmetric_eigvalsh(f.float(), backend=backend)[..., -1].double(), None
+    elif cold:
         s, u = symmetric_eigh(f.float(), backend=backend)
         s_top, v_top = s[..., -1].double(), u[..., -1]
     else:
