@@ -19,8 +19,10 @@ def random_hyperplanes(dim: int, k: int) -> Tensor:
 
 
 def project(x: Tensor, planes: Tensor) -> Tensor:
-    """``(N, k)`` float32 projections of the samples on the hyperplanes' normals."""
-    return x.float() @ planes.float()
+    """``(N, k)`` float32 projections of the samples on the hyperplanes' normals (float32
+    also inside an autocast region: they decide the split and feed the thresholds' EMA)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return x.float() @ planes.float()
 
 
 def batch_thresholds(proj: Tensor, synced: bool) -> Tensor:
