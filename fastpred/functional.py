@@ -21,8 +21,7 @@ the argument and what it accepts.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -68,12 +67,13 @@ def _check_features(x: Tensor, d: int, lead: tuple[int, ...]) -> None:
         raise ValueError(f"x must have shape {(*lead, 'N', d)} to match the statistics, got {tuple(x.shape)}")
 
 
-@contextmanager
-def float32_statistics(device: torch.device) -> Iterator[None]:
+def float32_statistics(device: torch.device) -> AbstractContextManager:
     """Autocast off for the statistics: x^T x of fp16 features overflows (|x| ~ 3,
-    N = 8192 already exceeds fp16's 65504), and bf16 keeps 3 significant digits."""
-    with torch.autocast(device.type, enabled=False):
-        yield
+    N = 8192 already exceeds fp16's 65504), and bf16 keeps 3 significant digits.
+    (Nothing to switch off, and nothing paid, outside an autocast region.)"""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
 
 
 def usable_batch(x: Tensor) -> Tensor:
