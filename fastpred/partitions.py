@@ -5,6 +5,8 @@ threshold on the projection ``x . planes[:, i]`` (the batch mean in training, as
 authors do; a running mean of those in eval mode). Each half-space keeps its own F
 and W_p, hence 2k predictors: rows 2i / 2i+1 serve the samples above / below
 hyperplane i, and a sample's prediction averages the k predictors of its halves.
+docs/design.md ("Random partitions") gives the rules; the statistics of each half are
+folded by :mod:`fastpred.statistics` like those of a plain predictor.
 """
 from __future__ import annotations
 
