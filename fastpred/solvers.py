@@ -96,20 +96,29 @@ def top_eigenvalue(corr: Tensor, top: Tensor | None = None, *, cold: bool = Fals
     """
     f = corr.double()
     f = f.tril() + f.tril(-1).mT  # the lower triangle, as eigh reads it
-    finite = torch.isfinite(f).all(-1).all(-1)  # (...)
-    f = torch.where(finite[..., None, None], f, torch.zeros_like(f))
-    if top is None:
-        s_top, v_top = symmetric_eigvalsh(f.float(), backend=backend)[..., -1].double(), None
-    elif cold:
-        s, u = symmetric_eigh(f.float(), backend=backend)
-        s_top, v_top = s[..., -1].double(), u[..., -1]
+    return _top_eigenvalue(f, top, cold, backend)
+
+
+def _top_eigenvalue(f: Tensor, top: Tensor | None, cold: bool, backend: "str | backends.Backend") -> Tensor:
+    """:func:`top_eigenvalue` of a float64 symmetric ``f``."""
+    if top is None or cold:
+        finite = torch.isfinite(f).all(-1).all(-1)  # (...): a NaN F gives NaN, not an EighError
+        f = torch.where(finite[..., None, None], f, torch.zeros_like(f))
+        if top is None:
+            s_top, v_top = symmetric_eigvalsh(f.float(), backend=backend)[..., -1].double(), None
+        else:
+            s, u = symmetric_eigh(f.float(), backend=backend)
+            s_top, v_top = s[..., -1].double(), u[..., -1]
     else:
         d = f.shape[-1]
         warm = top.double()
         norm = warm.norm(dim=-1, keepdim=True)
         start = torch.where(norm > 0, warm / norm.clamp(min=1e-300), _probe(d, f))
         q = _krylov_basis(f, start, min(WARM_STEPS, d))
-        s, u = symmetric_eigh(q.mT @ f @ q, backend=backend, dtype=torch.float64)  # (..., k, k)
+        projected = q.mT @ f @ q  # (..., k, k)
+        finite = torch.isfinite(projected).all(-1).all(-1)
+        projected = torch.where(finite[..., None, None], projected, torch.zeros_like(projected))
+        s, u = symmetric_eigh(projected, backend=backend, dtype=torch.float64)
         s_top, v_top = s[..., -1], (q @ u[..., -1:]).squeeze(-1)  # the Ritz pair
     if top is not None:
         top.copy_(v_top)
@@ -145,7 +154,7 @@ def closed_form_weight(corr: Tensor, top: Tensor | None, *, eps: float,
     """
     f = corr.float()
     f = f.tril() + f.tril(-1).mT  # the lower triangle, as eigh reads it
-    s_max = top_eigenvalue(f, top, backend=backend)
+    s_max = _top_eigenvalue(f.double(), top, top is None, backend)
     scale = torch.where(s_max > 0, s_max, torch.ones_like(s_max))[..., None, None]
     weight = f / scale.float()
     weight.diagonal(dim1=-2, dim2=-1).add_(eps)
