@@ -48,8 +48,8 @@ class DirectPredictor(nn.Module):
     - after ``attach()`` without an optimizer: at each :meth:`step` of a manual loop;
     - otherwise at the end of each training call (one call, one step). With ``freq > 1``
       the rebuild that step makes due then waits for the call's optimizer step: it runs
-      at the next training call, or before an eval call, ``state_dict()`` or
-      :meth:`refresh`, so no one sees a stale W_p.
+      at the next training call, at ``.eval()``, ``state_dict()`` or :meth:`refresh`, so
+      no one sees a stale W_p.
 
     A call uses its own copy of W_p, so any number of calls per step back-propagate
     correctly (eagerly and under ``torch.compile``). Eval mode only predicts. Misuse is
@@ -224,7 +224,7 @@ class DirectPredictor(nn.Module):
         """
         self._check_input(x)
         per_call = self.training and self._attachment is None
-        if per_call or self.async_rebuild or (not self.training and self.freq > 1):
+        if per_call or (self.training and self.async_rebuild):
             weight = self._weight_after_catching_up()  # eager: a rebuild may be owed or in flight
         else:
             weight = self._weight_for_call()
@@ -244,6 +244,14 @@ class DirectPredictor(nn.Module):
             if per_call:
                 self._end_step()  # without attach() each training call is one step
         return y
+
+    def train(self, mode: bool = True) -> "DirectPredictor":
+        """Switching to eval mode installs a rebuild still owed or in flight, so that eval
+        calls (traceable with ``fullgraph=True``) see the W_p of the last step."""
+        if not mode:
+            with torch.no_grad():
+                self._catch_up()
+        return super().train(mode)
 
     def _weight_for_call(self) -> Tensor:
         """A copy of W_p for one call (detached with freq == 1: set, never trained): the

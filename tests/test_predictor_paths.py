@@ -253,3 +253,21 @@ def test_loading_a_non_finite_state_is_refused_and_changes_nothing():
         pred.load_state_dict(bad)
     for key, value in pred.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("kwargs", [dict(freq=2), dict(async_rebuild=True)], ids=["freq=2", "async"])
+def test_eval_mode_sees_the_last_step_and_traces_fullgraph(kwargs):
+    """The rebuild owed by the last per-call step is installed by eval(), so eval calls need
+    no eager catch-up and still trace as one graph."""
+    d = 6
+    torch.manual_seed(0)
+    pred = DirectPredictor(d, backend="torch", **kwargs)
+    model = DirectPredNumpy(pred.weight.detach().numpy(), freq=kwargs.get("freq", 1))
+    for t in range(3):
+        x = features(24, d, t)
+        pred(x)
+        model.step(x.numpy())
+    pred.eval()
+    probe = features(4, d, 50)
+    y = torch.compile(pred, fullgraph=True, backend="eager")(probe)
+    np.testing.assert_allclose(y.detach().numpy(), probe.double().numpy() @ model.next_weight().T, atol=1e-4)
