@@ -403,8 +403,8 @@ def bench_directcopy(dims, rounds) -> list[dict]:
         cases, errors = {}, {}
         for name in available_backends():
             impl = backends.resolve(name, torch.device("cuda"))
-            top = solvers.init_state("eigh", corr)
-            cases[f"{name} closed form"] = lambda c=corr, t=top, n=name: solvers.directcopy_weight(c, t, eps=0.1,
+            top = solvers.init_state("closed_form", corr)
+            cases[f"{name} closed form"] = lambda c=corr, t=top, n=name: solvers.closed_form_weight(c, t, eps=0.1,
                                                                                                    backend=n)
             cases[f"{name} eigh path"] = lambda c=corr, i=impl, n=name: i.rebuild(
                 *F.symmetric_eigh(c, backend=n), COPY_MAP)

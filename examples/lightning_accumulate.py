@@ -3,7 +3,10 @@
 With ``accumulate_grad_batches=2`` Lightning calls ``optimizer.step()`` once every two
 micro-batches; ``DirectPredictor.attach`` hooks that step, so F takes one EMA step per
 optimizer step from both micro-batches (and both views) together, exactly like one step
-on their union. Needs ``pip install lightning``.
+on their union. The predictor is attached when training starts and detached when it
+ends (not in ``configure_optimizers``), so a second ``trainer.fit`` or an ``lr_find``
+before ``fit`` attaches to the optimizer of that run. The EMA target also moves once per
+optimizer step (``optimizer_step``), not once per micro-batch. Needs ``pip install lightning``.
 
     python examples/lightning_accumulate.py --steps 20
 """
@@ -27,6 +30,8 @@ class BYOLModule(L.LightningModule):
         self.online = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.predictor = fastpred.DirectPredictor(16)
+        self.target_updates = 0
+        self._attachment = None
 
     def training_step(self, batch, batch_idx):
         (x,) = batch
@@ -38,15 +43,32 @@ class BYOLModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        with torch.no_grad():
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)  # once per 2 micro-batches; the predictor's step follows it
+        with torch.no_grad():  # the EMA target: once per optimizer step
             for o, t in zip(self.online.parameters(), self.target.parameters()):
                 t.lerp_(o, 0.01)
+        self.target_updates += 1
+
+    def on_train_start(self):
+        # This run's optimizer (a new one at every fit / lr_find): one DirectPred step per step of it.
+        self._attachment = self.predictor.attach(self.trainer.optimizers[0])
+
+    def on_train_end(self):
+        self._attachment.remove()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.05)
-        self.predictor.attach(optimizer)  # Lightning steps this optimizer once per 2 micro-batches
-        return optimizer
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def fit(module: BYOLModule, steps: int) -> L.Trainer:
+    """``steps`` optimizer steps of bf16-mixed training, two micro-batches each."""
+    data = TensorDataset(torch.randn(2 * steps * 16, 32))
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=2, precision="bf16-mixed", accelerator="cpu",
+                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, DataLoader(data, batch_size=16))
+    return trainer
 
 
 def main() -> None:
@@ -54,14 +76,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
     args = parser.parse_args()
     torch.manual_seed(0)
-    data = TensorDataset(torch.randn(2 * args.steps * 16, 32))
     module = BYOLModule()
-    trainer = L.Trainer(max_steps=args.steps, accumulate_grad_batches=2, precision="bf16-mixed", accelerator="cpu",
-                        devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.fit(module, DataLoader(data, batch_size=16))
-    print(f"optimizer steps {trainer.global_step}, DirectPred steps {int(module.predictor.num_updates)}")
-    assert int(module.predictor.num_updates) == trainer.global_step == args.steps
+    trainer = fit(module, args.steps)
+    print(f"optimizer steps {trainer.global_step}, DirectPred steps {int(module.predictor.num_updates)}, "
+          f"target updates {module.target_updates}")
+    assert int(module.predictor.num_updates) == trainer.global_step == module.target_updates == args.steps
 
 
 if __name__ == "__main__":

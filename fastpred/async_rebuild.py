@@ -3,7 +3,8 @@
 :func:`start_rebuild` launches ``compute(corr)`` and returns a :class:`PendingRebuild`;
 its :meth:`~PendingRebuild.collect` gives W_p (or raises the rebuild's
 :class:`~fastpred.eigh.EighError`) once the caller needs it. The result is the
-same as calling ``compute(corr)`` directly: only where it runs differs.
+same as calling ``compute(corr)`` directly: only where it runs differs. When a rebuild
+starts and where it is collected is decided by :mod:`fastpred.schedule`.
 """
 from __future__ import annotations
 

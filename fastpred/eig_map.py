@@ -34,7 +34,7 @@ class EigMap:
 
     Raises:
         TypeError: eps, power or min_eig is not a real number.
-        ValueError: one of them is not finite, ``power <= 0``, or ``eps_mode`` is not
+        ValueError: one of them is not finite, ``power <= 0``, ``eps < 0``, or ``eps_mode`` is not
             one of :data:`EPS_MODES`; the message names the argument.
     """
 
@@ -53,6 +53,9 @@ class EigMap:
             object.__setattr__(self, name, float(value))
         if not self.power > 0:
             raise ValueError(f"power must be > 0, got {self.power!r}")
+        if self.eps < 0:
+            # A negative boost gives W_p = min_eig I (relative) or a negative-definite W_p (absolute).
+            raise ValueError(f"eps must be >= 0 (the eigenvalue boost of Eq. 18), got {self.eps!r}")
         if self.eps_mode not in EPS_MODES:
             raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {self.eps_mode!r}")
 
@@ -62,15 +65,9 @@ class EigMap:
         return self.eps_mode == "relative"
 
     @property
-    def nonnegative(self) -> bool:
-        """Whether the map can only give p >= 0 (decided without data), so that
-        ``W = V V^T`` with ``V = U diag(sqrt p)``."""
-        return self.min_eig >= 0 if self.relative else self.eps >= 0
-
-    @property
     def has_closed_form(self) -> bool:
-        """Whether ``W_p = F / s_max + eps I`` exactly for a PSD F (DirectCopy, DESIGN.md
-        section 5): power 1 in relative mode with ``eps >= min_eig`` (the clamp to
+        """Whether ``W_p = F / s_max + eps I`` exactly for a PSD F (DirectCopy; docs/design.md,
+        "DirectCopy's closed form"): power 1 in relative mode with ``eps >= min_eig`` (the clamp to
         min_eig then never acts, as s / s_max >= 0)."""
         return self.power == 1 and self.relative and self.eps >= self.min_eig
 

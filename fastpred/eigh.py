@@ -1,9 +1,15 @@
 """The eigendecomposition of F with the fallbacks a long run needs, and its one error.
 
-Used by :func:`fastpred.functional.directpred_weight` and by the warm solver
-(:mod:`fastpred.solvers`), each with the backend it was given.
+The one retry chain of fastpred: every eigendecomposition (the eigh path of
+:func:`fastpred.functional.directpred_weight`, the closed form's top eigenpair in
+:mod:`fastpred.solvers`, the experimental warm solver) goes through
+:func:`symmetric_eigh`. Below it a GPU backend's driver (:mod:`fastpred.eigh_driver`)
+only chooses which cuSOLVER routine runs a call; it retries nothing in float64 itself
+except when every float32 routine raised.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -16,27 +22,50 @@ class EighError(RuntimeError):
     """The eigendecomposition failed, in float32 and again in float64 with jitter."""
 
 
-def symmetric_eigh(corr: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def symmetric_eigh(
+    corr: Tensor, *, backend: "str | backends.Backend" = "auto", dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of a symmetric matrix with the fallbacks a long run needs.
 
     The backend's solver first; if it fails (or, on CPU, returns non-finite
     eigenvalues), the reference in float64; if that fails, float64 again with a jitter
-    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are float32.
+    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are in ``dtype``
+    (float32 unless asked otherwise).
 
     Raises:
         EighError: all three attempts failed.
     """
     impl = backends.resolve(backend, corr.device)
-    attempts = [lambda: impl.eigh(corr), lambda: reference.eigh(corr.double())]
+    s, u = _with_fallbacks(corr, impl.eigh, reference.eigh)
+    return s.to(dtype), u.to(dtype)
+
+
+def symmetric_eigvalsh(corr: Tensor, *, backend: "str | backends.Backend" = "auto") -> Tensor:
+    """The eigenvalues alone (ascending, float32), with the same fallbacks as
+    :func:`symmetric_eigh`. On CPU LAPACK without eigenvectors (several times cheaper);
+    on CUDA the backend's eigensolver, which needs no host sync.
+
+    Raises:
+        EighError: all three attempts failed.
+    """
+    if corr.device.type == "cuda":
+        return symmetric_eigh(corr, backend=backend)[0]
+    s, _ = _with_fallbacks(corr, lambda a: (torch.linalg.eigvalsh(a), None),
+                           lambda a: (torch.linalg.eigvalsh(a), None))
+    return s.float()
+
+
+def _with_fallbacks(corr: Tensor, solve: Callable, reference_solve: Callable) -> tuple[Tensor, Tensor | None]:
+    """``solve(corr)``, else ``reference_solve`` in float64, else in float64 with jitter."""
 
     def jittered():
         c = corr.double()
         d = c.shape[-1]
         scale = c.diagonal(dim1=-2, dim2=-1).abs().sum(-1) / d + 1e-12  # (...)
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
-        return reference.eigh(c + 1e-6 * scale[..., None, None] * eye)
+        return reference_solve(c + 1e-6 * scale[..., None, None] * eye)
 
-    attempts.append(jittered)
+    attempts = [lambda: solve(corr), lambda: reference_solve(corr.double()), jittered]
     errors = []
     for attempt in attempts:
         try:
@@ -50,5 +79,5 @@ def symmetric_eigh(corr: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tens
         if s.device.type == "cpu" and not torch.isfinite(s).all():
             errors.append("non-finite eigenvalues")
             continue
-        return s.float(), u.float()
+        return s, u
     raise EighError("eigendecomposition failed: " + "; ".join(errors))

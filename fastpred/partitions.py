@@ -5,6 +5,8 @@ threshold on the projection ``x . planes[:, i]`` (the batch mean in training, as
 authors do; a running mean of those in eval mode). Each half-space keeps its own F
 and W_p, hence 2k predictors: rows 2i / 2i+1 serve the samples above / below
 hyperplane i, and a sample's prediction averages the k predictors of its halves.
+docs/design.md ("Random partitions") gives the rules; the statistics of each half are
+folded by :mod:`fastpred.statistics` like those of a plain predictor.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ def random_hyperplanes(dim: int, k: int) -> Tensor:
 
 
 def project(x: Tensor, planes: Tensor) -> Tensor:
-    """``(N, k)`` float32 projections of the samples on the hyperplanes' normals."""
-    return x.float() @ planes.float()
+    """``(N, k)`` float32 projections of the samples on the hyperplanes' normals (float32
+    also inside an autocast region: they decide the split and feed the thresholds' EMA)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return x.float() @ planes.float()
 
 
 def batch_thresholds(proj: Tensor, synced: bool) -> Tensor:

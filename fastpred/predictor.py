@@ -3,31 +3,25 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, NamedTuple
+import weakref
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as nnf
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends, functional, solvers
-from .async_rebuild import PendingRebuild, start_rebuild
+from .backends import Backend
 from .eig_map import EigMap
 from .eigh import EighError
 from .partitions import batch_thresholds, half_space_masks, partitioned_linear, project, random_hyperplanes
+from .schedule import RebuildSchedule
+from .statistics import RunningStatistics, StepStatistics
 
 # State that stays float32 whatever dtype the module is cast to (.half(), .double(), ...).
 _FLOAT32_STATE = ("corr", "mean", "planes", "thresholds", "solver_state")
-
-
-class _Moments(NamedTuple):
-    """Views into the per-step accumulator: the sums of every training call since the last fold."""
-
-    gram: Tensor  # (d, d) or (2k, d, d): sum of x x^T per F
-    total: Tensor  # (d,) or (2k, d): sum of x per F
-    count: Tensor  # () or (2k,): samples per F
-    projections: Tensor  # (k,): sum of the projections on the hyperplanes (partitions only)
-    bad: Tensor  # (): calls with non-finite features
 
 
 class DirectPredictor(nn.Module):
@@ -39,16 +33,30 @@ class DirectPredictor(nn.Module):
     trained by gradient when ``freq == 1``; with ``freq > 1`` it is re-set every
     ``freq`` steps and trained by the optimizer in between (Table 8).
 
-    **Steps.** A step folds a batch into F and, every ``freq`` steps, re-sets W_p from
-    F; the W_p used at step t+1 already includes batch t, as in the authors' trainer.
-    After :meth:`attach` (``pred.attach(optimizer)``) a step is an optimizer step: every
-    training-mode call between two ``optimizer.step()`` only adds its batch's moments
-    (x^T x, sum of x, count) to an accumulator, and the step folds them as ONE batch,
-    which is what the authors do with both views (so ``p1 = pred(z1); p2 = pred(z2)``
-    equals ``pred(torch.cat([z1, z2]))``, and k micro-batches of gradient accumulation
-    equal one step on their union). Without :meth:`attach` each training-mode call is
-    one step. Either way a call uses a copy of W_p, so any number of calls per step
-    back-propagate correctly. Eval mode only predicts.
+    **One step path.** A module that records, steps and predicts. Every training-mode
+    call records its batch's moments (x^T x, sum of x, count) in float32, whatever
+    autocast says (:class:`~fastpred.statistics.StepStatistics`). A step then folds
+    everything recorded since the last step as ONE batch (all-reduced under DDP, a
+    non-finite step skipped on the device, the EMA of F, of the mean and of the
+    thresholds: Eq. 19) and, every ``freq`` steps, re-sets W_p from F
+    (:class:`~fastpred.schedule.RebuildSchedule`), so that the W_p used at step t+1
+    includes batch t, as in the authors' trainer. Only *when* a step ends differs:
+
+    - after :meth:`attach` (``pred.attach(optimizer)``): after each ``optimizer.step()``,
+      so per-view calls ``p1 = pred(z1); p2 = pred(z2)`` equal ``pred(torch.cat([z1, z2]))``
+      and k micro-batches of gradient accumulation equal one step on their union;
+    - after ``attach()`` without an optimizer: at each :meth:`step` of a manual loop;
+    - otherwise at the end of each training call (one call, one step). With ``freq > 1``
+      the rebuild that step makes due then waits for the call's optimizer step: it runs
+      at the next training call, at ``.eval()``, ``state_dict()`` or :meth:`refresh`, so
+      no one sees a stale W_p.
+
+    A call uses its own copy of W_p, so any number of calls per step back-propagate
+    correctly (eagerly and under ``torch.compile``). Eval mode only predicts. Misuse is
+    named once by a RuntimeWarning: an optimizer step with no training call since the
+    last one (a predictor left in eval mode, or not in the forward pass); several
+    training calls between two optimizer steps without :meth:`attach`; ``freq > 1``
+    with W_p in no param group of the attached optimizer.
 
     Args:
         dim: feature dimension d (W_p is d x d).
@@ -76,13 +84,14 @@ class DirectPredictor(nn.Module):
             current batch: here the rebuild follows ``freq`` and the order above, like
             the plain predictor. A half that receives no sample keeps its F (they
             blended in zeros). Per-view calls split each view at its own mean.
-        solver: how W_p is obtained from F: ``"eigh"`` (default, exact),
-            ``"newton_schulz"`` (power 0.5; matmuls only, no host sync: for GPUs) or
-            ``"warm"`` (refines last rebuild's eigenbasis; pays off only for a slow
-            EMA, rho >= 0.9). See :mod:`fastpred.solvers`.
+        solver: how W_p is obtained from F: ``"auto"`` (default: DirectCopy's exact
+            closed form where it holds, else ``"eigh"``), ``"eigh"``, ``"closed_form"``,
+            or the experimental ``"newton_schulz"`` / ``"warm"``
+            (:mod:`fastpred.experimental`). See :mod:`fastpred.solvers`.
         async_rebuild: compute the rebuild for step t+1 right after step t's fold, on
             a side CUDA stream or a worker thread (:mod:`fastpred.async_rebuild`), so
-            that it overlaps other work; it is swapped in at the next training call.
+            that it overlaps other work; it is swapped in at the next call (or
+            ``state_dict()``).
             Bit-identical to the synchronous path.
 
     Attributes:
@@ -94,7 +103,8 @@ class DirectPredictor(nn.Module):
         planes, thresholds: buffers (d, k) and (k,): the random hyperplanes and the
             EMA of the projections' batch means (the split used in eval mode).
         folded: int64 buffer (or (2k,)): batches folded into each F.
-        num_updates: int64 buffer, steps taken (skipped ones included).
+        num_updates: int64 buffer, steps taken (skipped ones included; an optimizer
+            step with no training call since the last step is none).
         num_skipped: int64 buffer, steps whose statistics were skipped (non-finite x).
         num_eigh_failures: int64 buffer, rebuilds that kept the previous W_p.
         eig_map: the map's settings (eps, power, eps_mode, min_eig), one
@@ -131,21 +141,20 @@ class DirectPredictor(nn.Module):
         backend: str = "auto",
         partitions: int = 0,
         async_rebuild: bool = False,
-        solver: str = "eigh",
+        solver: str = "auto",
     ) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho < 1:
-            raise ValueError(f"rho must be a number in [0, 1), got {rho!r}")
+        rho = functional.check_rho(rho)
         if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
             raise ValueError(f"freq must be an integer >= 1, got {freq!r}")
         if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 0:
             raise ValueError(f"partitions must be an integer >= 0, got {partitions!r}")
         self.eig_map = EigMap(eps=eps, power=power, eps_mode=eps_mode, min_eig=min_eig)
-        functional.check_solver(solver, power)
+        self._solver = solvers.choose(solver, self.eig_map)  # "auto" made concrete
         backends.check_name(backend)
-        self.dim, self.rho, self.freq = dim, float(rho), freq
+        self.dim, self.freq = dim, freq
         self.zero_mean, self.sync, self.backend = bool(zero_mean), bool(sync), backend
         self.partitions, self.async_rebuild, self.solver = partitions, bool(async_rebuild), solver
 
@@ -161,29 +170,35 @@ class DirectPredictor(nn.Module):
         if partitions:
             self.register_buffer("planes", random_hyperplanes(dim, partitions))
             self.register_buffer("thresholds", torch.zeros(partitions))
-        self._keeps_solver_state = solver != "eigh" or self.eig_map.has_closed_form  # DirectCopy's warm start
-        if self._keeps_solver_state:
+        if solvers.keeps_state(self._solver):
             # What the solver carries from one rebuild to the next; primed at the first one.
-            self.register_buffer("solver_state", torch.zeros_like(solvers.init_state(solver, self.corr)))
-            self._solver_primed = False
+            shape = (*stack, dim + 1, dim) if self._solver == "warm" else (*stack, dim)
+            self.register_buffer("solver_state", torch.zeros(shape))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_skipped", torch.zeros((), dtype=torch.int64))
         self.register_buffer("num_eigh_failures", torch.zeros((), dtype=torch.int64))
-        # The per-step accumulator: one flat tensor, so one all-reduce under DDP. Not a
-        # buffer: DDP broadcasts buffers from rank 0 at every forward, which would overwrite
-        # each rank's own sums between the micro-batches of a step; and a checkpoint is
-        # taken between steps. It follows device moves through _apply.
-        halves = max(1, 2 * partitions)
-        self._moment_sizes = (halves * dim * dim, halves * dim, halves, partitions, 1)
-        self._moments = torch.zeros(sum(self._moment_sizes))
+        self._stats = StepStatistics(dim, partitions, rho, self.zero_mean)
+        self._schedule = RebuildSchedule(freq, self.async_rebuild)
         # Host-side state, so that the hot path never reads the device.
         self._steps = 0  # mirror of num_updates
         self._skips_warned = 0
-        self._attached = False  # steps are optimizer steps (attach) rather than calls
-        self._rebuild_owed = False  # a rebuild is due before the next training call
-        self._pending: PendingRebuild | None = None
+        self._attachment: Attachment | None = None  # steps are optimizer steps (attach) rather than calls
+        self._recorded = False  # a training call since the last step (attached mode)
+        self._calls_between_optimizer_steps = 0  # per-call mode: for the per-view warning
+        self._warned: set[str] = set()  # each misuse is named once
         self._load_rejected = False
+        self._impl: Backend | None = None
+        self._resolve_backend()
         self.register_load_state_dict_post_hook(_after_load)
+
+    @property
+    def rho(self) -> float:
+        """The EMA coefficient of Eq. 19 (kept by the statistics; settable, checked)."""
+        return self._stats.rho
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self._stats.rho = functional.check_rho(value)
 
     # The map's settings, readable like every other constructor argument (kept in eig_map).
     eps = property(lambda self: self.eig_map.eps)
@@ -194,7 +209,7 @@ class DirectPredictor(nn.Module):
     def extra_repr(self) -> str:
         extra = f", partitions={self.partitions}" if self.partitions else ""
         extra += ", async_rebuild=True" if self.async_rebuild else ""
-        extra += f", solver={self.solver!r}" if self.solver != "eigh" else ""
+        extra += f", solver={self.solver!r}" if self.solver != "auto" else ""
         return (
             f"dim={self.dim}, rho={self.rho}, eps={self.eps}, freq={self.freq}, power={self.power}, "
             f"eps_mode={self.eps_mode!r}, zero_mean={self.zero_mean}, backend={self.backend!r}{extra}"
@@ -208,27 +223,48 @@ class DirectPredictor(nn.Module):
             x: ``(N, dim)`` floating point, on the module's device (N may be 0).
         """
         self._check_input(x)
-        if self.training and (not self._attached or self.async_rebuild):
-            self._bring_weight_up_to_date()
-        # With freq == 1 W_p is set, never trained: no gradient reaches it. A copy either
-        # way: the graph saves it, so a later in-place rebuild cannot invalidate this call.
-        weight = self.weight if self.freq > 1 else self.weight.detach()
+        per_call = self.training and self._attachment is None
+        if per_call or (self.training and self.async_rebuild):
+            weight = self._weight_after_catching_up()  # eager: a rebuild may be owed or in flight
+        else:
+            weight = self._weight_for_call()
         dtype = self.weight.dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight = weight.to(dtype, copy=True)
+        weight = weight.to(dtype)
         masks = projections = None
         if self.partitions:
-            projections = project(x.detach(), self.planes)  # (N, k)
+            projections = project(x.detach(), self.planes)  # (N, k), float32
             thresholds = batch_thresholds(projections, self._synced()) if self.training else self.thresholds
             masks = half_space_masks(projections, thresholds)  # (2k, N)
             y = partitioned_linear(x, weight, masks)
         else:
             y = nnf.linear(x, weight)
         if self.training:
-            if self._attached:
-                self._accumulate(x.detach(), masks, projections)
-            else:
-                self._step_with_one_call(x.detach(), masks, projections)
+            self._stats.record(x.detach(), masks, projections, self._backend())
+            self._recorded = True
+            if per_call:
+                self._end_step()  # without attach() each training call is one step
         return y
+
+    def train(self, mode: bool = True) -> "DirectPredictor":
+        """Switching to eval mode installs a rebuild still owed or in flight, so that eval
+        calls (traceable with ``fullgraph=True``) see the W_p of the last step."""
+        if not mode:
+            with torch.no_grad():
+                self._catch_up()
+        return super().train(mode)
+
+    def _weight_for_call(self) -> Tensor:
+        """A copy of W_p for one call (detached with freq == 1: set, never trained): the
+        graph saves the copy, so a later in-place rebuild cannot invalidate this call."""
+        return (self.weight if self.freq > 1 else self.weight.detach()).clone()
+
+    @torch.compiler.disable
+    def _weight_after_catching_up(self) -> Tensor:
+        """The owed or in-flight rebuild installed, then the call's copy of W_p, made in
+        eager code: under torch.compile a copy made in the graph can be rematerialised from
+        W_p itself in the backward, which a rebuild between two calls would invalidate."""
+        self._catch_up()
+        return self._weight_for_call()
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -243,132 +279,127 @@ class DirectPredictor(nn.Module):
     def _synced(self) -> bool:
         return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+    def _backend(self) -> Backend:
+        """The backend resolved for the module's device (once per device, in eager code:
+        attached training calls run traced under torch.compile, where a first resolution,
+        which imports the backend, would break the graph)."""
+        if self._impl is None or self._impl.device != self.corr.device:
+            self._impl = backends.resolve(self.backend, self.corr.device)  # raises what cannot run here
+        return self._impl
+
+    def _resolve_backend(self) -> None:
+        try:
+            self._backend()
+        except RuntimeError:
+            self._impl = None  # not on this device (yet: the module may still move); reported at first use
+
     # ------------------------------------------------------------------ steps
     def attach(self, optimizer: torch.optim.Optimizer | None = None) -> "Attachment":
         """Make every ``optimizer.step()`` one DirectPred step (through a step post-hook).
 
-        From then on training-mode calls only accumulate their batch's moments, and
-        :meth:`step` (run by the hook after each optimizer step) folds them into F as one
-        batch, counts the step and re-sets W_p when due. Without an optimizer, call
-        :meth:`step` yourself after each optimizer step. An optimizer step that does not
-        happen (skipped by a ``GradScaler`` on inf gradients) is no step here either: its
-        calls are folded with the next step's.
+        From then on training-mode calls only record their batch's moments, and the
+        optimizer's step folds them into F as one batch, counts the step and re-sets W_p
+        when due. Without an optimizer, call :meth:`step` yourself after each optimizer
+        step. An optimizer step that does not happen (skipped by a ``GradScaler`` on inf
+        gradients) is no step here either: its calls are folded with the next step's.
+
+        Attaching again to the same optimizer returns the current handle (so a second
+        ``trainer.fit`` or an ``lr_find`` that re-runs the setup is harmless).
 
         Returns:
             A handle whose ``remove()`` detaches (calls not yet folded are dropped) and
             makes each training call one step again.
 
         Raises:
-            RuntimeError: already attached.
+            RuntimeError: already attached to another optimizer (or to none).
         """
-        if self._attached:
-            raise RuntimeError("DirectPredictor is already attached; remove() the previous handle first")
-        hook = None
-        if optimizer is not None:
-            hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
-        self._bring_weight_up_to_date()  # a rebuild owed by the per-call mode (or a load)
-        self._moments.zero_()
-        self._attached = True
+        if self._attachment is not None:
+            if optimizer is not None and self._attachment.optimizer is optimizer:
+                return self._attachment
+            raise RuntimeError("DirectPredictor is already attached to "
+                               f"{'another optimizer' if self._attachment.optimizer is not None else 'manual steps'}; "
+                               "remove() the previous handle first")
+        if optimizer is not None and self.freq > 1 and not any(
+                p is self.weight for group in optimizer.param_groups for p in group["params"]):
+            self._warn_once("untrained", f"DirectPredictor(freq={self.freq}): W_p is in no param group of the attached "
+                            "optimizer, so it is never trained between rebuilds; add predictor.parameters() to it")
+        self._catch_up()  # a rebuild owed by the per-call mode
+        self._stats.clear()
+        self._recorded = False
         self._resolve_backend()
-        return Attachment(self, hook)
+        self._attachment = Attachment(self, optimizer)
+        return self._attachment
 
-    def _resolve_backend(self) -> None:
-        """Resolve the backend for this device now, in eager code. Attached training calls
-        run traced under torch.compile, and a first resolution there (it imports the
-        backend) would break the graph for good. A backend that cannot run on this device
-        (yet: the module may still move) is reported at its first use, as before."""
-        try:
-            backends.resolve(self.backend, self.corr.device)
-        except RuntimeError:
-            pass
-
-    @torch.compiler.disable
     @torch.no_grad()
     def step(self) -> None:
         """One DirectPred step: fold every training call since the last step into F as
-        one batch (Eq. 19), then re-set W_p if due (Eq. 18). Run by the hook of
-        :meth:`attach` after each optimizer step; call it yourself in a manual loop.
+        one batch (Eq. 19), then re-set W_p if due (Eq. 18). For a manual loop: after
+        ``attach()`` without an optimizer, call it after each optimizer step.
 
         Raises:
-            RuntimeError: not attached (then every training call is a step already).
+            RuntimeError: not attached (then every training call is a step already), or
+                attached to an optimizer (whose step already runs this).
         """
-        if not self._attached:
+        if self._attachment is None:
             raise RuntimeError("DirectPredictor.step() folds the calls since the last step: call attach() first "
                                "(without it every training-mode call is one step)")
-        self._fold()
+        if self._attachment.optimizer is not None:
+            raise RuntimeError("DirectPredictor is attached to an optimizer, whose step() already makes the "
+                               "DirectPred step; calling step() too would fold twice per optimizer step")
+        self._end_attached_step()
 
     @torch.compiler.disable
     @torch.no_grad()
-    def _step_with_one_call(self, x: Tensor, masks: Tensor | None, projections: Tensor | None) -> None:
-        if masks is None and not self._synced():
-            self._fold(batch=x)  # the fused statistics kernel, straight from x
-        else:
-            self._accumulate(x, masks, projections)
-            self._fold()
-
-    @torch.no_grad()
-    def _accumulate(self, x: Tensor, masks: Tensor | None, projections: Tensor | None) -> None:
-        """Add one call's batch moments to the step's accumulator (traceable; no host sync)."""
-        if x.shape[0] == 0:
+    def _end_attached_step(self) -> None:
+        """The end of an optimizer step: fold the training calls made since the last one."""
+        if not self._recorded:
+            self._warn_once("idle", "DirectPredictor: an optimizer step with no training-mode call since the last "
+                            "step; is the predictor in eval mode or not in the forward pass? F and W_p are unchanged "
+                            "and no step is counted")
             return
-        acc = self._moment_views()
-        usable = functional.usable_batch(x)  # a bad call spoils its step: recorded, its values zeroed
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        functional.add_moments_(acc.gram, acc.total, acc.count, torch.where(usable, x, zero), masks, backend=self.backend)
-        if projections is not None:
-            acc.projections.add_(torch.where(usable, projections, 0.0).sum(0))
-        acc.bad.add_((~usable).float())
+        self._end_step()
 
-    def _moment_views(self) -> _Moments:
-        gram, total, count, projections, bad = self._moments.split(self._moment_sizes)
-        stack, d = self.corr.shape[:-2], self.dim
-        return _Moments(gram.view(*stack, d, d), total.view(*stack, d), count.view(stack), projections, bad.view(()))
-
-    def _fold(self, batch: Tensor | None = None) -> None:
-        """The one fold of a step: F (and the mean, the thresholds) <- EMA with this step's
-        batch, a non-finite batch skipped on the device, counters, then the rebuild if due.
-
-        ``batch`` given: a step made of one call, in one process, without partitions,
-        folded straight from x by the backend's fused kernel. Otherwise the accumulated
-        moments, all-reduced first under DDP (every rank takes part, even with N = 0).
-        """
-        first = self.folded == 0
-        if batch is not None:
-            n = batch.shape[0]
-            usable = functional.usable_batch(batch)
-            fold = usable & (n > 0)
-            if n > 0:
-                functional.corr_ema_(self.corr, batch, self.rho, first=first, fold=fold,
-                                     mean=self.mean if self.zero_mean else None, backend=self.backend)
-            skipped = ~usable
-        else:
-            if self._synced():
-                dist.all_reduce(self._moments)
-            acc = self._moment_views()
-            skipped = acc.bad > 0
-            fold = (acc.count > 0) & ~skipped  # per F: a half with no sample keeps its F
-            weight = functional.ema_weight(self.rho, first=first, fold=fold)
-            n = acc.count.clamp(min=1)
-            functional.ema_(self.corr, acc.gram / n[..., None, None], weight[..., None, None])
-            if self.zero_mean:
-                functional.ema_(self.mean, acc.total / n[..., None], weight[..., None])
-            if self.partitions:
-                self._fold_thresholds(acc, first.all(), skipped)
-            self._moments.zero_()
-        self.folded += fold
-        self.num_skipped += skipped
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _end_step(self) -> None:
+        """The one end of a step, whatever the mode: fold, count, rebuild when due."""
+        self._recorded = False
+        if self._attachment is None:
+            _watch_optimizer_steps(self)
+            self._calls_between_optimizer_steps += 1
+        self._stats.fold(self._running(), self._synced())
         self.num_updates += 1
         self._steps += 1
         if self.corr.device.type == "cpu":
             self._warn_new_skips()
-        if (self._steps - 1) % self.freq == 0:  # W_p for the next step includes this batch
-            self._schedule_rebuild()
+        # Per-call with freq > 1: W_p is trained, so the rebuild waits for this call's optimizer step.
+        defer = self._attachment is None and self.freq > 1
+        try:
+            weight = self._schedule.after_fold(self._steps, self._weight_from, self._target_corr, defer=defer)
+        except EighError as err:
+            self._record_eigh_failure(err)
+        else:
+            if weight is not None:
+                self._install_weight(weight)
 
-    def _fold_thresholds(self, acc: _Moments, first: Tensor, skipped: Tensor) -> None:
-        """The eval-mode split: an EMA of the training batches' mean projections."""
-        samples = acc.count[0] + acc.count[1]  # every sample is above or below hyperplane 0
-        weight = functional.ema_weight(self.rho, first=first, fold=(samples > 0) & ~skipped)
-        functional.ema_(self.thresholds, acc.projections / samples.clamp(min=1), weight)
+    def _running(self) -> RunningStatistics:
+        return RunningStatistics(self.corr, self.mean, self.folded, getattr(self, "thresholds", None),
+                                 self.num_skipped)
+
+    def _after_optimizer_step(self) -> None:
+        """Per-call mode: several training calls between two optimizer steps are several
+        DirectPred steps (the authors fold both views of a step as one batch)."""
+        if self._attachment is None and self._calls_between_optimizer_steps > 1:
+            self._warn_once("per-view", f"DirectPredictor: {self._calls_between_optimizer_steps} training calls "
+                            "between two optimizer steps, each one DirectPred step (F takes that many EMA steps per "
+                            "optimizer step); call predictor.attach(optimizer) to fold them as one step, or "
+                            "concatenate the views into one call")
+        self._calls_between_optimizer_steps = 0
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _warn_new_skips(self) -> None:
         skipped = int(self.num_skipped)
@@ -382,51 +413,29 @@ class DirectPredictor(nn.Module):
             self._skips_warned = skipped
 
     # ------------------------------------------------------------------ rebuild
-    def _schedule_rebuild(self) -> None:
-        if self.async_rebuild:
-            # F as of this step, copied: the next fold must not change what the rebuild reads.
-            self._pending = start_rebuild(self._weight_from, self._target_corr().clone())
-        elif self._attached:
-            self._rebuild()  # after the optimizer step, as the authors do
-        else:
-            self._rebuild_owed = True  # at the next call: after this call's optimizer step
-
-    @torch.compiler.disable
     @torch.no_grad()
-    def _bring_weight_up_to_date(self) -> None:
-        """Swap in a finished async rebuild, or do a rebuild the last step left due."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            try:
-                weight = pending.collect()
-            except EighError as err:
-                self._record_eigh_failure(err)
-            else:
+    def _catch_up(self) -> None:
+        """Install a finished async rebuild, or do the rebuild the last step left owed."""
+        if not self._schedule.waiting:
+            return
+        try:
+            weight = self._schedule.take(self._weight_from, self._target_corr)
+        except EighError as err:
+            self._record_eigh_failure(err)
+        else:
+            if weight is not None:
                 self._install_weight(weight)
-        elif self._rebuild_owed:
-            self._rebuild()
 
     def _target_corr(self) -> Tensor:
         return functional.covariance(self.corr, self.mean) if self.zero_mean else self.corr
 
     def _weight_from(self, corr: Tensor) -> Tensor:
-        state = None
-        if self._keeps_solver_state:
-            if not self._solver_primed:
-                self.solver_state.copy_(solvers.init_state(self.solver, corr))
-                self._solver_primed = True
-            state = self.solver_state
-        return functional.solve_weight(corr, self.eig_map, backend=self.backend, solver=self.solver,
+        state = getattr(self, "solver_state", None)
+        if state is not None and not self._schedule.primed:
+            state.copy_(solvers.init_state(self._solver, corr, backend=self._backend()))
+            self._schedule.primed = True
+        return functional.solve_weight(corr, self.eig_map, backend=self._backend(), solver=self._solver,
                                        solver_state=state)
-
-    def _rebuild(self) -> Tensor | bool:
-        """W_p <- the map of F (Eq. 18), keeping the previous W_p if that fails."""
-        self._rebuild_owed = False
-        try:
-            weight = self._weight_from(self._target_corr())
-        except EighError as err:
-            return self._record_eigh_failure(err)
-        return self._install_weight(weight)
 
     def _install_weight(self, weight: Tensor) -> Tensor:
         """``W_p <- weight`` where it is finite, else keep W_p and count a failure.
@@ -451,8 +460,12 @@ class DirectPredictor(nn.Module):
     def refresh(self) -> bool:
         """Set W_p from F now (Eq. 18). Returns False if W_p was kept (the eigensolver
         failed). On GPU the answer is read from the device (a host sync)."""
-        self._pending = None
-        return bool(self._rebuild())
+        self._schedule.drop()
+        try:
+            weight = self._weight_from(self._target_corr())
+        except EighError as err:
+            return self._record_eigh_failure(err)
+        return bool(self._install_weight(weight))
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
@@ -466,69 +479,101 @@ class DirectPredictor(nn.Module):
         super()._apply(fn, recurse)
         for name, old in before.items():
             self._buffers[name] = float32_after(old, self._buffers[name])
-        self._moments = float32_after(self._moments, fn(self._moments))
-        if self._attached:
-            self._resolve_backend()  # on the new device
+        self._stats.to(fn(self._stats.moments).device)
+        self._resolve_backend()  # on the new device
         return self
 
+    @torch.no_grad()
     def state_dict(self, *args, **kwargs):
+        self._catch_up()  # W_p includes the last step's batch
         self._warn_new_skips()  # on GPU, skips are reported here rather than per step
         return super().state_dict(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # All or nothing: check every shape before anything is copied.
-        mismatches = []
+        # All or nothing: check every shape and value before anything is copied.
+        problems = []
         for name, current in [*self._parameters.items(), *self._buffers.items()]:
             key = prefix + name
             if current is None or name in self._non_persistent_buffers_set or key not in state_dict:
                 continue
             value = state_dict[key]
-            if isinstance(value, Tensor) and value.shape != current.shape:
-                mismatches.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
-                                  f"checkpoint, the shape in current model is {tuple(current.shape)}; nothing was loaded "
-                                  "into this DirectPredictor.")
-        self._load_rejected = bool(mismatches)
-        if mismatches:
-            error_msgs.extend(mismatches)
+            if not isinstance(value, Tensor):
+                continue
+            if value.shape != current.shape:
+                problems.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
+                                f"checkpoint, the shape in current model is {tuple(current.shape)}")
+            elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                problems.append(f"{key} holds non-finite values (a diverged run?)")
+        self._load_rejected = bool(problems)
+        if problems:
+            error_msgs.extend(f"{p}; nothing was loaded into this DirectPredictor." for p in problems)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def __getstate__(self):
         # What belongs to this process does not travel (deepcopy, pickle): an async rebuild
-        # in flight (the copy redoes it from the same F, with the same result) and the
-        # optimizer hook (the copy makes one step per call until attached itself).
+        # in flight (the schedule's copy redoes it from the same F, with the same result)
+        # and the optimizer hook (the copy makes one step per call until attached itself).
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state["_pending"] = None
-        state["_rebuild_owed"] = self._rebuild_owed or self._pending is not None
-        state["_attached"] = False
+        state["_attachment"] = None
+        state["_impl"] = None  # re-resolved on first use (its functions are not picklable)
         return state
 
 
 class Attachment:
-    """What :meth:`DirectPredictor.attach` returns: ``remove()`` undoes it."""
+    """What :meth:`DirectPredictor.attach` returns: ``remove()`` undoes it (once; a stale
+    handle, replaced by a newer attachment, removes nothing)."""
 
-    def __init__(self, predictor: DirectPredictor, hook) -> None:
-        self.predictor, self.hook = predictor, hook
+    def __init__(self, predictor: DirectPredictor, optimizer: torch.optim.Optimizer | None) -> None:
+        self.predictor, self.optimizer = predictor, optimizer
+        self.hook = None
+        if optimizer is not None:
+            ref = weakref.ref(predictor)
+            self.hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: _end_step_of(ref))
 
     def remove(self) -> None:
         if self.hook is not None:
             self.hook.remove()
-        self.predictor._attached = False
-        self.predictor._moments.zero_()
+            self.hook = None
+        if self.predictor._attachment is self:
+            self.predictor._attachment = None
+            self.predictor._stats.clear()
+
+
+def _end_step_of(ref: "weakref.ref[DirectPredictor]") -> None:
+    predictor = ref()
+    if predictor is not None:
+        predictor._end_attached_step()
+
+
+# Per-call predictors watch every optimizer's steps (one global hook) to name per-view calls.
+_watched: "weakref.WeakSet[DirectPredictor]" = weakref.WeakSet()
+_global_hook = None
+
+
+def _watch_optimizer_steps(predictor: DirectPredictor) -> None:
+    global _global_hook
+    _watched.add(predictor)
+    if _global_hook is None:
+        _global_hook = register_optimizer_step_post_hook(_after_any_optimizer_step)
+
+
+def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
+    for predictor in list(_watched):
+        predictor._after_optimizer_step()
 
 
 def _after_load(module: DirectPredictor, incompatible_keys) -> None:
-    """After load_state_dict: host mirrors follow the loaded buffers (one read), a rebuild
-    computed from the old F is dropped, and the rebuild the loaded step left due is owed."""
+    """After load_state_dict: host mirrors follow the loaded buffers (one read), and a
+    rebuild owed or in flight from the old F is dropped: a state_dict() holds the W_p of
+    its F (it catches up before saving)."""
     if module._load_rejected:
         module._load_rejected = False
         return
     module._steps = int(module.num_updates)
     module._skips_warned = int(module.num_skipped)
-    module._pending = None
-    module._moments.zero_()
-    module._rebuild_owed = module._steps >= 1 and (module._steps - 1) % module.freq == 0
-    if module._keeps_solver_state:
-        module._solver_primed = bool(module.solver_state.abs().amax() > 0)
-    if module._attached:
-        module._bring_weight_up_to_date()
+    module._schedule.drop()
+    module._stats.clear()
+    module._recorded = False
+    state = getattr(module, "solver_state", None)
+    module._schedule.primed = state is not None and bool(state.abs().amax() > 0)

@@ -33,6 +33,14 @@ class DirectPredNumpy:
     def step(self, x):
         return self.step_calls([x])[0]
 
+    def next_weight(self):
+        """W as the next step will use it (the rebuild the last step made due included):
+        what a DirectPredictor shows after a step (no stale W_p)."""
+        if self.k >= 1 and (self.k - 1) % self.freq == 0:
+            F = self.F - np.outer(self.m, self.m) if self.zero_mean else self.F
+            return directpred_weight(F, **self.cfg)
+        return self.W
+
     def step_calls(self, xs):
         """One optimizer step made of several calls (views, micro-batches): each call is
         predicted with the same W, then their samples are folded as ONE batch, as the

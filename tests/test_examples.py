@@ -30,3 +30,18 @@ def test_readme_quick_start_runs_as_pasted():
     namespace = {}
     exec(compile(code, "README.md#quick-start", "exec"), namespace)
     assert int(namespace["predictor"].num_updates) == 10  # one DirectPred step per optimizer step
+
+
+def test_lightning_example_survives_a_second_fit_with_one_target_update_per_optimizer_step():
+    """attach() in configure_optimizers broke a second fit ("already attached"), and the
+    EMA target moved once per micro-batch (twice per step with accumulate_grad_batches=2)."""
+    pytest.importorskip("lightning")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lightning_accumulate", ROOT / "examples" / "lightning_accumulate.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    module = example.BYOLModule()
+    for _ in range(2):
+        example.fit(module, 2)
+    assert int(module.predictor.num_updates) == module.target_updates == 4

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastpred import DirectPredictor
 from fastpred import functional as F
 from fastpred.eig_map import EigMap
 from reference_numpy import directpred_weight as np_weight
@@ -100,11 +101,13 @@ def test_directpred_weight_batched_equals_loop():
         torch.testing.assert_close(batched[b], F.directpred_weight(corrs[b]), rtol=1e-5, atol=1e-6)
 
 
-def test_negative_absolute_eps_uses_general_rebuild():
-    corr = torch.diag(torch.tensor([4.0, 1.0, 0.0]))
-    w = F.directpred_weight(corr, eps=-0.5, eps_mode="absolute")
-    # p = sqrt([0, 1, 4]) - 0.5 * 4 = [-2, -1, 0] in ascending eigen order of diag(4, 1, 0)
-    torch.testing.assert_close(w, torch.diag(torch.tensor([0.0, -1.0, -2.0])), atol=1e-6, rtol=0)
+@pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
+def test_negative_eps_is_refused_by_name(eps_mode):
+    """eps < 0 gave W_p = min_eig I (relative) or a negative-definite W_p (absolute)."""
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        F.directpred_weight(torch.eye(3), eps=-0.5, eps_mode=eps_mode)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        DirectPredictor(3, eps=-0.1)
 
 
 def test_eigh_falls_back_to_float64(monkeypatch):
@@ -146,17 +149,6 @@ def test_eigh_error_when_every_attempt_fails(monkeypatch):
 def test_bad_map_arguments_are_named(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         F.directpred_weight(torch.eye(3), **kwargs)
-
-
-@pytest.mark.parametrize("eps, eps_mode, min_eig", [
-    (0.1, "relative", 1e-4), (-0.5, "relative", 0.0), (-0.5, "relative", -1.0), (0.0, "absolute", 1e-4),
-    (-0.1, "absolute", 1.0),
-])
-def test_nonnegative_says_whether_the_map_can_go_below_zero(eps, eps_mode, min_eig):
-    """The V V^T shortcut of the rebuilds rests on this claim, made without data."""
-    eig_map = EigMap(eps=eps, power=0.5, eps_mode=eps_mode, min_eig=min_eig)
-    s = torch.tensor([[0.0, 0.0], [0.0, 1.0], [-1.0, 4.0]])  # F = 0, a zero eigenvalue, a negative one
-    assert (eig_map(s).min().item() >= 0) == eig_map.nonnegative
 
 
 @pytest.mark.parametrize("weight", [1.0, torch.tensor(1.0)], ids=["float", "tensor"])
@@ -253,3 +245,103 @@ def test_corr_ema_skips_a_batch_not_folded_even_with_nan():
     y = _data(6, 3)
     F.corr_ema_(corr, y, 0.3, first=torch.tensor(True), fold=torch.tensor(True))
     torch.testing.assert_close(corr, y.T @ y / 6)
+
+
+# ------------------------------------------------------------------ batched functionals
+def test_add_moments_with_leading_batch_dims_equals_a_loop_over_predictors():
+    """x of shape (4, 64, 16) raised a broadcast error."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 16, generator=g)
+    gram, total, count = torch.zeros(4, 16, 16), torch.zeros(4, 16), torch.zeros(4)
+    F.add_moments_(gram, total, count, x, backend="torch")
+    for b in range(4):
+        xb = x[b].double().numpy()
+        np.testing.assert_allclose(gram[b].numpy(), xb.T @ xb, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(total[b].numpy(), xb.sum(0), rtol=1e-5, atol=1e-4)
+        assert count[b].item() == 64
+
+
+def test_add_moments_with_batch_dims_and_masks_equals_a_loop():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, 5, generator=g)
+    masks = (torch.rand(3, 4, 20, generator=g) > 0.5).float()
+    gram, total, count = torch.zeros(3, 4, 5, 5), torch.zeros(3, 4, 5), torch.zeros(3, 4)
+    F.add_moments_(gram, total, count, x, masks, backend="torch")
+    for b in range(3):
+        for j in range(4):
+            xs = x[b][masks[b, j] > 0].double().numpy()
+            np.testing.assert_allclose(gram[b, j].numpy(), xs.T @ xs, rtol=1e-5, atol=1e-5)
+            assert count[b, j].item() == len(xs)
+
+
+def test_ema_weight_and_ema_with_per_predictor_first_and_fold_equal_a_loop():
+    """ema_weight with first of shape (B,) was refused, naming the wrong argument."""
+    rho = 0.3
+    first = torch.tensor([True, False, False])
+    fold = torch.tensor([True, True, False])
+    weight = F.ema_weight(rho, first=first, fold=fold)
+    assert weight.tolist() == pytest.approx([1.0, 0.7, 0.0])
+    state, batch = torch.randn(3, 4, 4), torch.randn(3, 4, 4)
+    out = F.ema_(state.clone(), batch, weight)
+    for b, w in enumerate([1.0, 0.7, 0.0]):
+        torch.testing.assert_close(out[b], state[b] + w * (batch[b] - state[b]))
+
+
+def test_fold_moments_and_corr_ema_batched_equal_a_loop_over_predictors():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 32, 6, generator=g)
+    first = torch.tensor([True, False, True])
+    corr0 = torch.stack([torch.eye(6) * (b + 1) for b in range(3)])
+    fused = corr0.clone()
+    F.corr_ema_(fused, x, 0.4, first=first, backend="torch")
+    gram, total, count = torch.zeros(3, 6, 6), torch.zeros(3, 6), torch.zeros(3)
+    F.add_moments_(gram, total, count, x, backend="torch")
+    folded = corr0.clone()
+    F.fold_moments_(folded, gram, count, 0.4, first=first)
+    for b in range(3):
+        xb = x[b].double().numpy()
+        batch = xb.T @ xb / 32
+        expected = batch if first[b] else 0.4 * corr0[b].double().numpy() + 0.6 * batch
+        np.testing.assert_allclose(fused[b].numpy(), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(folded[b].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_moments_under_fp16_autocast_stay_float32():
+    x = torch.randn(8192, 64, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    gram, total, count = torch.zeros(64, 64), torch.zeros(64), torch.zeros(())
+    corr = torch.zeros(64, 64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        F.add_moments_(gram, total, count, x)
+        F.corr_ema_(corr, x, 0.3, first=True)
+    expected = x.double().T @ x.double()
+    assert ((gram.double() - expected).abs().max() / expected.abs().max()).item() < 1e-6
+    assert ((corr.double() - expected / 8192).abs().max() / (expected / 8192).abs().max()).item() < 1e-6
+
+
+# ------------------------------------------------------------------ bad input, named
+@pytest.mark.parametrize("rho", [2.0, -0.1, 1.0, float("nan"), "0.3"])
+def test_corr_ema_refuses_rho_outside_the_unit_interval(rho):
+    """rho=2 silently computed 2F - batch; rho=nan made F NaN."""
+    corr = torch.eye(3)
+    with pytest.raises(ValueError, match="rho must be"):
+        F.corr_ema_(corr, torch.randn(4, 3), rho)
+    assert torch.equal(corr, torch.eye(3))
+
+
+def test_directpred_weight_of_a_vector_names_the_expected_shape():
+    """randn(16) raised an IndexError that did not give the expected shape."""
+    with pytest.raises(ValueError, match=r"corr must be .*\(\.\.\., d, d\)"):
+        F.directpred_weight(torch.randn(16))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: F.corr_ema_(torch.zeros(3, 3), torch.randn(4, 5), 0.3), "x must have shape"),
+    (lambda: F.corr_ema_(torch.zeros(3, 3, dtype=torch.float64), torch.randn(4, 3), 0.3), "corr must be a float32"),
+    (lambda: F.add_moments_(torch.zeros(3, 3), torch.zeros(4), torch.zeros(()), torch.randn(2, 3)), "total must have"),
+    (lambda: F.add_moments_(torch.zeros(2, 3, 3), torch.zeros(2, 3), torch.zeros(2), torch.randn(5, 3),
+                            torch.ones(3, 5)), "masks must have shape"),
+    (lambda: F.ema_(torch.zeros(2, 3), torch.zeros(3), torch.ones(4)), "weight"),
+])
+def test_functionals_name_the_argument_with_a_bad_shape(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastpred import DirectPredictor
+from fastpred.async_rebuild import start_rebuild
 from reference_numpy import directpred_weight
 
 
@@ -92,10 +93,10 @@ def test_async_rebuild_is_bit_identical_to_synchronous(kwargs):
             outs.append(y.detach())
         assert torch.equal(outs[0], outs[1]), step
         overlap_outputs.append(outs[1])
-        if twin is None and overlap._pending is not None:
+        if twin is None and overlap._schedule.pending is not None:
             # A copy taken with a rebuild in flight drops it and recomputes it.
             twin, twin_step = copy.deepcopy(overlap), step + 1
-            assert twin._pending is None
+            assert twin._schedule.pending is None
     for key, v in sync.state_dict().items():
         assert torch.equal(v, overlap.state_dict()[key]), key
     assert torch.equal(twin(xs[twin_step]).detach(), overlap_outputs[twin_step])
@@ -112,8 +113,7 @@ def test_async_rebuild_failure_keeps_weight(monkeypatch):
         raise torch.linalg.LinAlgError("injected failure")
 
     monkeypatch.setattr(torch.linalg, "eigh", broken)
-    pred._pending = None
-    pred._schedule_rebuild()  # computed with the broken solver
+    pred._schedule.pending = start_rebuild(pred._weight_from, pred.corr.clone())  # computed with the broken solver
     with pytest.warns(RuntimeWarning, match="keeping the previous W_p"):
         pred(xs[2])
     torch.testing.assert_close(pred.weight.detach(), kept)

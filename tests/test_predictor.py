@@ -37,7 +37,8 @@ def test_every_step_matches_numpy_model(cfg):
         y = pred(x)
         y_ref = model.step(x.numpy())
         scale = np.abs(model.W).max()
-        np.testing.assert_allclose(pred.weight.detach().numpy(), model.W, atol=2e-4 * scale, err_msg=f"W at {step}")
+        np.testing.assert_allclose(pred.state_dict()["weight"].numpy(), model.next_weight(), atol=2e-4 * scale,
+                                   err_msg=f"W at {step}")  # includes this step's batch: never stale
         np.testing.assert_allclose(y.detach().numpy(), y_ref, atol=2e-4 * np.abs(y_ref).max(), err_msg=f"y at {step}")
         np.testing.assert_allclose(pred.corr.numpy(), model.F, rtol=1e-5, atol=1e-5 * np.abs(model.F).max())
         if cfg.get("zero_mean"):

@@ -22,18 +22,23 @@ def make_batches(rank):
 def worker(rank, world, init_file, out_dir, kwargs):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # same initial W_p on every rank
+    kwargs = dict(kwargs)
+    autocast = kwargs.pop("autocast", None)  # statistics stay float32 in an autocast region
     pred = DirectPredictor(D, **kwargs)
     batches = make_batches(rank)
     if rank == 1:
         batches[2] = batches[2].clone()
         batches[2][0, 0] = float("nan")  # one rank's bad batch: every rank skips that step
     for x in batches:
-        pred(x)
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            pred(x)
     torch.save({k: v.clone() for k, v in pred.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(zero_mean=True, freq=2), dict(partitions=2)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(zero_mean=True, freq=2), dict(partitions=2),
+                                    dict(autocast=torch.bfloat16)], ids=["default", "zero_mean-freq2", "partitions",
+                                                                         "bf16-autocast"])
 def test_two_ranks_agree_with_one_process_on_the_union(tmp_path, kwargs):
     mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path), kwargs), nprocs=2, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -42,7 +47,7 @@ def test_two_ranks_agree_with_one_process_on_the_union(tmp_path, kwargs):
         assert torch.equal(r0[k], r1[k]), k
 
     torch.manual_seed(0)
-    single = DirectPredictor(D, **kwargs)
+    single = DirectPredictor(D, **{k: v for k, v in kwargs.items() if k != "autocast"})  # float32, no autocast
     b0, b1 = make_batches(0), make_batches(1)
     for step in range(STEPS):
         if step == 2:

@@ -13,6 +13,7 @@ import torch
 
 import fastpred.backends
 from fastpred import DirectPredictor, functional
+from fastpred.async_rebuild import start_rebuild
 from reference_numpy import DirectPredNumpy
 
 
@@ -126,12 +127,13 @@ def test_per_view_calls_without_attach_backpropagate_through_the_weight_each_cal
         r1, r2 = torch.randn(n, d), torch.randn(n, d)
         opt.zero_grad()
         y1 = pred(x1)
-        w1 = pred.weight.detach().clone()  # what call 1 used
+        w1 = pred.weight.detach().clone()
         y2 = pred(x2)
         rebuilt += not torch.equal(pred.weight.detach(), w1)
         ((y1 * r1).sum() + (y2 * r2).sum()).backward()
         if not pred.partitions:
-            torch.testing.assert_close(x1.grad, r1 @ w1, rtol=1e-5, atol=1e-6)
+            used = torch.linalg.lstsq(x1.detach().double(), y1.detach().double()).solution.T  # the W call 1 used
+            torch.testing.assert_close(x1.grad.double(), r1.double() @ used, rtol=1e-5, atol=1e-5)
         opt.step()
     assert rebuilt > 0  # the situation under test did occur
 
@@ -314,12 +316,11 @@ def test_a_non_finite_rebuild_keeps_the_previous_weight(monkeypatch, async_rebui
     d = 5
     pred = DirectPredictor(d, backend="torch", async_rebuild=async_rebuild)
     pred(features(20, d, 0)), pred(features(20, d, 1))
-    kept = pred.weight.detach().clone()
+    kept = pred.state_dict()["weight"].clone()  # an async rebuild in flight collected
     monkeypatch.setattr(functional, "solve_weight", lambda corr, eig_map, **kw: torch.full_like(corr, float("nan")))
-    pred._rebuild_owed, pred._pending = False, None
-    pred._schedule_rebuild()  # a rebuild computed by the NaN-returning solver
     with pytest.warns(RuntimeWarning, match="keeping the previous W_p"):
-        y = pred(features(20, d, 2))
+        y = pred(features(20, d, 2))  # its rebuild is computed by the NaN-returning solver
+        pred.state_dict()  # collects an async rebuild
     assert torch.equal(pred.weight.detach(), kept) and torch.isfinite(y).all()
     assert int(pred.num_eigh_failures) == 1
 
@@ -342,10 +343,10 @@ def test_deepcopy_and_pickle_drop_what_belongs_to_this_process():
     pred(x)
     opt.step()
     expected = copy.deepcopy(pred.state_dict())
-    pred._pending = StreamRebuild(torch.zeros(d, d), None, Unpicklable())
+    pred._schedule.pending = StreamRebuild(torch.zeros(d, d), None, Unpicklable())
     twin = copy.deepcopy(pred)
     pickle.loads(pickle.dumps(pred))
-    assert twin._pending is None and not twin._attached and twin._rebuild_owed
+    assert twin._schedule.pending is None and twin._attachment is None and twin._schedule.owed
     for key, value in twin.state_dict().items():
         assert torch.equal(value, expected[key]), key
     twin(x)  # owes the rebuild, makes it, then one step per call

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastpred.functional as F
-from fastpred import DirectPredictor, solvers
+from fastpred import DirectPredictor, experimental, solvers
 from fastpred.eig_map import EigMap
 
 
@@ -37,7 +37,7 @@ def rel_err(a, b):
 def test_newton_schulz_matches_eigh_across_condition_numbers(cond, tol, eps_mode):
     corr = spectrum_matrix(96, cond).float()
     state = solvers.init_state("newton_schulz", corr)
-    w = solvers.newton_schulz_weight(corr, state, EigMap(eps=0.1, eps_mode=eps_mode), iters=20)
+    w = experimental.newton_schulz_weight(corr, state, EigMap(eps=0.1, eps_mode=eps_mode), iters=20)
     assert rel_err(w, exact_weight(corr, eps_mode=eps_mode)) < tol
 
 
@@ -47,7 +47,7 @@ def test_newton_schulz_rank_deficient_and_never_blows_up():
     errors = {}
     for iters in (15, 60, 300):  # far past convergence, where plain float32 NS drifts
         state = solvers.init_state("newton_schulz", corr)
-        w = solvers.newton_schulz_weight(corr, state, EigMap(eps=0.1), iters=iters)
+        w = experimental.newton_schulz_weight(corr, state, EigMap(eps=0.1), iters=iters)
         assert torch.isfinite(w).all()
         errors[iters] = rel_err(w, ref)
     assert errors[15] < 2e-3
@@ -57,7 +57,7 @@ def test_newton_schulz_rank_deficient_and_never_blows_up():
 def test_newton_schulz_zero_matrix_matches_documented_value():
     corr = torch.zeros(5, 5)
     state = solvers.init_state("newton_schulz", corr)
-    w = solvers.newton_schulz_weight(corr, state, EigMap(eps=0.1))
+    w = experimental.newton_schulz_weight(corr, state, EigMap(eps=0.1))
     torch.testing.assert_close(w, 0.1 * torch.eye(5))
 
 
@@ -74,10 +74,10 @@ def test_newton_schulz_rejects_other_powers_and_small_eps():
 def test_warm_solver_first_call_and_large_moves_fall_back_to_eigh():
     corr = spectrum_matrix(48, 1e3).float()
     state = solvers.init_state("warm", corr)
-    w, refreshed = solvers.warm_eigh_weight(corr, state, EigMap(), backend="torch")
+    w, refreshed = experimental.warm_eigh_weight(corr, state, EigMap(), backend="torch")
     assert refreshed and rel_err(w, exact_weight(corr)) < 1e-5
     moved = spectrum_matrix(48, 1e3, seed=5).float()  # an unrelated matrix: basis useless
-    w, refreshed = solvers.warm_eigh_weight(moved, state, EigMap(), backend="torch")
+    w, refreshed = experimental.warm_eigh_weight(moved, state, EigMap(), backend="torch")
     assert refreshed and rel_err(w, exact_weight(moved)) < 1e-5
 
 
@@ -88,12 +88,12 @@ def test_warm_solver_tracks_a_slowly_moving_matrix(eps_mode, power):
     corr = spectrum_matrix(d, 1e2).float()
     basis = solvers.init_state("warm", corr)
     kw = dict(eps=0.1, power=power, eps_mode=eps_mode, min_eig=1e-4)
-    solvers.warm_eigh_weight(corr, basis, EigMap(**kw), backend="torch")
+    experimental.warm_eigh_weight(corr, basis, EigMap(**kw), backend="torch")
     refreshes = 0
     for _ in range(10):
         noise = torch.randn(d, d, generator=g) * 5e-5
         corr = corr + noise + noise.T  # a slow EMA's step
-        w, refreshed = solvers.warm_eigh_weight(corr, basis, EigMap(**kw), backend="torch")
+        w, refreshed = experimental.warm_eigh_weight(corr, basis, EigMap(**kw), backend="torch")
         refreshes += refreshed
         assert rel_err(w, exact_weight(corr, **kw)) < 1e-4
     assert refreshes == 0  # the refinement, not the fallback, did the work
@@ -133,12 +133,12 @@ def test_power_one_is_the_closed_form_within_1e6_of_float64_along_a_trajectory()
     """W = F / s_max + eps I, s_max warm-started from the last top eigenvector."""
     top = None
     for corr in ema_trajectory(96, 40):
-        top = solvers.init_state("eigh", corr) if top is None else top
+        top = solvers.init_state("closed_form", corr) if top is None else top
         w = F.directpred_weight(corr, power=1.0, solver_state=top)
         exact = exact_weight(corr, power=1.0)
         assert (w.double() - exact).abs().max().item() < 1e-5
         s_max = torch.linalg.eigvalsh(corr.double())[-1]
-        assert abs(solvers.top_eigenpair(corr, top.clone()).item() / s_max.item() - 1) < 1e-6
+        assert abs(solvers.top_eigenvalue(corr, top.clone()).item() / s_max.item() - 1) < 1e-6
 
 
 @pytest.mark.parametrize("case", ["full-rank", "rank-3", "zero", "batched", "cold"])
@@ -148,7 +148,7 @@ def test_closed_form_matches_float64_eigh(case):
             "zero": torch.zeros(d, d, dtype=torch.float64),
             "batched": torch.stack([spectrum_matrix(d, 1e2, seed=k) for k in range(3)]),
             "cold": spectrum_matrix(d, 1e2)}[case].float()
-    state = None if case == "cold" else solvers.init_state("eigh", corr)
+    state = None if case == "cold" else solvers.init_state("closed_form", corr)
     w = F.directpred_weight(corr, power=1.0, solver_state=state)
     exact = torch.stack([exact_weight(c, power=1.0) for c in corr.reshape(-1, d, d)]).reshape(corr.shape)
     assert w.dtype == torch.float32 and w.shape == corr.shape
@@ -164,11 +164,11 @@ def test_closed_form_decomposes_no_d_by_d_matrix_and_reads_the_lower_triangle(mo
     real = backends.resolve("auto", "cpu")
     monkeypatch.setattr(backends, "_resolved", {})
     monkeypatch.setattr(backends, "_resolve", lambda name, device: backends.Backend(
-        name=name, gram=real.gram, corr_ema_=real.corr_ema_, rebuild=real.rebuild,
+        name=name, device=torch.device(device), gram=real.gram, corr_ema_=real.corr_ema_, rebuild=real.rebuild,
         eigh=lambda a: (sizes.append(a.shape[-1]), real.eigh(a))[1]))
     d = 64
     corr = spectrum_matrix(d, 1e2).float()
-    top = solvers.init_state("eigh", corr)
+    top = solvers.init_state("closed_form", corr)
     sizes.clear()
     w = F.directpred_weight(corr, power=1.0, solver_state=top)
     assert sizes and max(sizes) <= solvers.WARM_STEPS < d  # only the small projected problem

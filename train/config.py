@@ -94,7 +94,7 @@ class PredictorConfig:
     backend: str = "auto"
     partitions: int = 0
     async_rebuild: bool = False
-    solver: str = "eigh"
+    solver: str = "auto"  # "auto": DirectCopy's closed form where it holds (power 1), else eigh
 
 
 TRAINER_PREDICTOR_KEYS = ("name", "mlp_hidden", "symmetric")  # the rest go to fastpred.DirectPredictor

@@ -123,9 +123,10 @@ class BYOL(nn.Module):
     """Online backbone + projector + predictor, and a target (EMA copy, or the online net itself).
 
     ``forward(v1, v2)`` returns the loss, the online backbone features of view 1 (detached, for the
-    probe) and the projector outputs fed to the predictor (detached, for diagnostics). The predictor
-    is called once per step on both views concatenated, so a DirectPredictor folds 2B samples into
-    its correlation once per optimizer step, as the authors' trainer does.
+    probe) and the projector outputs fed to the predictor (detached, for diagnostics). A
+    DirectPredictor is called once per view and, attached to the optimizer (``train_step``), folds
+    both views' 2B samples into its correlation once per optimizer step, as the authors' trainer
+    does; another predictor is called once on both views concatenated.
     """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, *,
@@ -148,7 +149,9 @@ class BYOL(nn.Module):
         if need_z2:
             with torch.set_grad_enabled(torch.is_grad_enabled() and (self.symmetric_loss or not self.stop_grad)):
                 z2 = self.projector(self.backbone(v2))  # (B, d)
-        if self.symmetric_loss:
+        if self.symmetric_loss and isinstance(self.predictor, fastpred.DirectPredictor):
+            p1, p2 = self.predictor(z1), self.predictor(z2)  # per view; attached, both fold as one batch per step
+        elif self.symmetric_loss:
             p1, p2 = self.predictor(torch.cat([z1, z2])).chunk(2)  # one predictor call per step
         else:
             p1, p2 = self.predictor(z1), None

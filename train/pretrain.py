@@ -109,6 +109,8 @@ def train_step(learner: Learner, v1: torch.Tensor, v2: torch.Tensor, labels: tor
     ``labels`` (-1 for unlabeled images) train the probe, if there is one.
     Returns (loss, probe loss or None, the projector outputs the predictor saw), all detached.
     """
+    if isinstance(learner.bare.predictor, fastpred.DirectPredictor):
+        learner.bare.predictor.attach(learner.optimizer)  # idempotent: one DirectPred step per optimizer step
     with torch.autocast(v1.device.type, dtype=learner.dtype or torch.float32, enabled=learner.dtype is not None):
         loss, h1, z = learner.model(v1, v2)
     total, probe_loss = loss, None

@@ -50,17 +50,24 @@ BACKEND_NAMES = ("auto",) + tuple(_PROVIDERS)
 
 @dataclass(frozen=True)
 class Backend:
-    """Resolved implementations of each step for one device."""
+    """Resolved implementations of each step for one device: what :func:`resolve` returns,
+    and what every ``backend=`` argument of :mod:`fastpred.functional` also accepts, so
+    that a caller resolves once (``DirectPredictor`` does, per device) and passes the
+    object on."""
 
     name: str
+    device: torch.device
     gram: Callable
     corr_ema_: Callable
     eigh: Callable
     rebuild: Callable
 
 
-def check_name(backend: str) -> None:
-    """Raise ValueError naming ``backend`` when it is not a known backend name."""
+def check_name(backend: "str | Backend") -> None:
+    """Raise ValueError naming ``backend`` when it is not a known backend name (or a
+    resolved :class:`Backend`)."""
+    if isinstance(backend, Backend):
+        return
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
 
@@ -116,16 +123,22 @@ def _auto_choice(device: torch.device) -> dict[str, str]:
 _resolved: dict[tuple[str, torch.device], Backend] = {}
 
 
-def resolve(backend: str, device: torch.device | str) -> Backend:
+def resolve(backend: "str | Backend", device: torch.device | str) -> Backend:
     """Return the implementations of every step for ``backend`` on ``device``.
+
+    A :class:`Backend` already resolved for ``device`` is returned as it is.
 
     Raises:
         ValueError: unknown backend name.
         RuntimeError: a named backend that cannot run here (not installed, or not
             on this device); the message says what to install.
     """
-    check_name(backend)
     device = torch.device(device)
+    if isinstance(backend, Backend):
+        if backend.device != device:
+            raise ValueError(f"backend was resolved for device {backend.device}, not for {device}")
+        return backend
+    check_name(backend)
     key = (backend, device)
     if key not in _resolved:
         _resolved[key] = _resolve(backend, device)
@@ -145,7 +158,7 @@ def _resolve(backend: str, device: torch.device) -> Backend:
             steps[step] = _when_preferred(module.prefers, step, steps[step], getattr(reference, step))
         if backend == "auto" and name != "torch" and step != "eigh":
             steps[step] = _falling_back(steps[step], getattr(reference, step), f"{name}.{step}")
-    return Backend(name=backend, **steps)
+    return Backend(name=backend, device=device, **steps)
 
 
 def _when_preferred(prefers: Callable, step: str, fast: Callable, ref: Callable) -> Callable:

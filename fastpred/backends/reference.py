@@ -61,9 +61,6 @@ def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:
 
 def rebuild(s: Tensor, u: Tensor, eig_map: EigMap) -> Tensor:
     """W = U diag(p) U^T with p = eig_map(s): symmetric, shares F's eigenvectors (Eq. 18)."""
-    p = eig_map(s)
-    if eig_map.nonnegative:
-        # p >= 0 is known without looking at it: W = V V^T with V = U diag(sqrt p).
-        v = u * p.sqrt().unsqueeze(-2)  # (..., d, d)
-        return v @ v.mT
-    return (u * p.unsqueeze(-2)) @ u.mT
+    p = eig_map(s)  # >= eps >= 0 (EigMap refuses a negative eps): W = V V^T with V = U diag(sqrt p)
+    v = u * p.sqrt().unsqueeze(-2)  # (..., d, d)
+    return v @ v.mT

@@ -39,14 +39,14 @@ def eigenpairs(d, *batch, seed=0, shift=0.0):
     return s.to(DEVICE), u.to(DEVICE)
 
 
-# The paper's map, DirectCopy (power 1), Eq. 18 as printed, a general power, and maps
-# that can go negative (no V V^T shortcut).
+# The paper's map, DirectCopy (power 1), Eq. 18 as printed, and general powers with no
+# boost (eps = 0, the smallest EigMap accepts: p reaches 0).
 MAPS = {
     "relative-sqrt": EigMap(0.1, 0.5, "relative", 1e-4),
     "relative-copy": EigMap(0.3, 1.0, "relative", 1e-4),
     "absolute-sqrt": EigMap(0.1, 0.5, "absolute", 1e-4),
-    "relative-power0.3-neg-min": EigMap(-0.5, 0.3, "relative", -1.0),
-    "absolute-power2-neg-eps": EigMap(-0.05, 2.0, "absolute", 0.0),
+    "relative-power0.3-no-boost": EigMap(0.0, 0.3, "relative", 0.0),
+    "absolute-power2-no-boost": EigMap(0.0, 2.0, "absolute", 0.0),
 }
 
 # (d, map, shift): every dim; every map at least once; negative eigenvalues (clamped) too.
@@ -54,9 +54,9 @@ CASES = [
     (1, "relative-sqrt", 0.0),
     (1, "absolute-sqrt", 0.0),
     (7, "relative-copy", -0.5),
-    (7, "absolute-power2-neg-eps", -0.5),
+    (7, "absolute-power2-no-boost", -0.5),
     (129, "absolute-sqrt", -0.2),
-    (129, "relative-power0.3-neg-min", 0.0),
+    (129, "relative-power0.3-no-boost", 0.0),
     (200, "relative-sqrt", 0.0),
     (256, "relative-sqrt", -0.1),
 ]
