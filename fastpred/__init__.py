@@ -10,13 +10,14 @@ does not pull in torch.
 import importlib
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
-__all__ = ["DirectPredictor", "EighError", "backends", "functional", "solvers", "theory", "__version__"]
+__all__ = ["DirectPredictor", "EighError", "backends", "functional", "losses", "solvers", "theory", "__version__"]
 
 _LAZY = {
     "DirectPredictor": ("fastpred.predictor", "DirectPredictor"),
     "EighError": ("fastpred.eigh", "EighError"),
     "backends": ("fastpred.backends", None),
     "functional": ("fastpred.functional", None),
+    "losses": ("fastpred.losses", None),
     "solvers": ("fastpred.solvers", None),
     "theory": ("fastpred.theory", None),
 }
