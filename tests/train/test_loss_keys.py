@@ -98,3 +98,25 @@ def test_isoloss_run_resumes_bit_identical_and_saves_its_config(tmp_path, monkey
     for key in ("model", "optimizer", "last_eval", "step"):
         _assert_same_state(a[key], b[key], key)
     assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == {"name": "isoloss", "form": "cosine"}
+
+
+def test_isoloss_under_two_gloo_ranks(tmp_path):
+    """DDP: IsoLoss's gradient reaches the online network on both ranks alike; F and W_p stay shared."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.pretrain",
+           "--out", str(out), "epochs=1", "batch_size=256", "ckpt.every_steps=0", "loss.name=isoloss"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "replicas consistent across 2 ranks" in log, log[-4000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["final"] is True and lines[-1]["step"] == 5
+    assert all(0 <= x["loss"] <= 8 for x in lines if "loss" in x)  # two pairs of 2 - 2 cos
