@@ -133,6 +133,8 @@ class BYOL(nn.Module):
         if ema and not stop_grad:
             raise ValueError("model.stop_grad=false needs model.ema=false: an EMA target is never trained, "
                              "so a gradient through it changes nothing (the paper's no-stop-gradient case is W_a = W)")
+        if loss not in ("byol", "isoloss"):
+            raise ValueError(f"loss={loss!r}: expected byol or isoloss")
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.ema, self.stop_grad, self.symmetric_loss = ema, stop_grad, symmetric_loss
         self.loss, self.loss_form = loss, loss_form
