@@ -10,7 +10,7 @@ does not pull in torch.
 import importlib
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
-__all__ = ["DirectPredictor", "EighError", "backends", "experimental", "functional", "solvers", "theory", "__version__"]
+__all__ = ["DirectPredictor", "EighError", "backends", "experimental", "functional", "losses", "solvers", "theory", "__version__"]
 
 _LAZY = {
     "DirectPredictor": ("fastpred.predictor", "DirectPredictor"),
@@ -18,6 +18,7 @@ _LAZY = {
     "backends": ("fastpred.backends", None),
     "experimental": ("fastpred.experimental", None),
     "functional": ("fastpred.functional", None),
+    "losses": ("fastpred.losses", None),
     "solvers": ("fastpred.solvers", None),
     "theory": ("fastpred.theory", None),
 }

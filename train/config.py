@@ -4,6 +4,9 @@ A run's configuration is the dataclass defaults (which are the ``digits`` preset
 preset, then dotted ``key=value`` overrides from the command line, e.g.
 ``optim.lr=0.05 predictor.name=linear predictor.freq=5``. An unknown key is an error naming it.
 
+``loss.name`` (byol | isoloss) and ``loss.form`` (cosine | euclidean) choose the prediction loss
+of :mod:`fastpred.losses`; :func:`check_loss` refuses IsoLoss where it is undefined.
+
 The ``predictor.*`` keys are ``name`` (directpred | linear | mlp | none), ``mlp_hidden``,
 ``symmetric`` and every keyword argument of :class:`fastpred.DirectPredictor` (``rho``, ``eps``,
 ``freq``, ...), with that class's defaults.
@@ -106,6 +109,18 @@ def directpred_kwargs(cfg: PredictorConfig) -> dict[str, Any]:
 
 
 @dataclass
+class LossConfig:
+    """The prediction loss of each view pair (:mod:`fastpred.losses`)."""
+
+    name: str = "byol"  # byol | isoloss (Halvagal et al. 2023; needs predictor.name=directpred, freq 1)
+    form: str = "cosine"  # cosine: 2 - 2 cos(p, t) | euclidean: |p - t|^2
+
+
+LOSS_NAMES = ("byol", "isoloss")
+LOSS_FORMS = ("cosine", "euclidean")  # fastpred.losses.FORMS
+
+
+@dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | lars
     lr: float = 0.05  # learning rate at batch size lr_batch
@@ -159,6 +174,7 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -234,6 +250,40 @@ def validate(cfg: Config) -> None:
         if not all(v in accepted for v in (value if isinstance(value, list) else [value])):
             each = "each value " if isinstance(value, list) else ""
             raise ValueError(f"{key}={value!r} is out of range: {each}must be {accepted}")
+    check_loss(cfg)
+
+
+def check_loss(cfg: Config) -> None:
+    """``loss.*`` choices, and IsoLoss only where it is defined.
+
+    IsoLoss (Halvagal, Laborieux & Zenke 2023) is derived for a predictor set in closed form from
+    F: a symmetric PSD ``W_p`` with a square root ``W_p^(1/2)``. Its gradient reaches the online
+    projection only, never ``W_p``, so a predictor trained by gradient (``linear``, ``mlp``, or
+    DirectPred's SGD steps between rebuilds when ``freq > 1``) would not learn, and a trained
+    ``W_p`` has no such square root. Its target is stop-gradient by definition.
+
+    Raises:
+        ValueError: naming the key, its value and what is accepted.
+    """
+    loss, pred = cfg.loss, cfg.predictor
+    if loss.name not in LOSS_NAMES:
+        raise ValueError(f"loss.name={loss.name!r}: expected one of {', '.join(LOSS_NAMES)}")
+    if loss.form not in LOSS_FORMS:
+        raise ValueError(f"loss.form={loss.form!r}: expected one of {', '.join(LOSS_FORMS)}")
+    if loss.name != "isoloss":
+        return
+    why = ("IsoLoss needs W_p set from F (symmetric PSD, with a square root W_p^(1/2)) and sends no gradient "
+           "to W_p")
+    if pred.name != "directpred":
+        raise ValueError(f"loss.name=isoloss needs predictor.name=directpred, got {pred.name!r}: {why}, so "
+                         "linear and mlp (trained by gradient) would never learn, and with none (W_p = I) it is "
+                         "the loss without a predictor, which collapses (use loss.name=byol)")
+    if pred.freq != 1:
+        raise ValueError(f"loss.name=isoloss needs predictor.freq=1, got {pred.freq}: {why}, so the SGD steps "
+                         "on W_p between rebuilds would not happen")
+    if not cfg.model.stop_grad:
+        raise ValueError("loss.name=isoloss needs model.stop_grad=true: the stop-gradient on the target is part "
+                         "of IsoLoss's definition")
 
 
 # ----------------------------------------------------------------------------- loading

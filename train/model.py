@@ -19,6 +19,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock
 
 import fastpred
+from fastpred.losses import byol_loss, isoloss
 
 from .config import Config, directpred_kwargs
 
@@ -114,11 +115,6 @@ def predictor_matrix(predictor: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def byol_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Normalised MSE, 2 - 2 cos(p, t), averaged over the batch (BYOL Eq. 2)."""
-    return (2 - 2 * F.cosine_similarity(p.float(), t.float(), dim=-1)).mean()
-
-
 class BYOL(nn.Module):
     """Online backbone + projector + predictor, and a target (EMA copy, or the online net itself).
 
@@ -127,16 +123,22 @@ class BYOL(nn.Module):
     DirectPredictor is called once per view and, attached to the optimizer (``train_step``), folds
     both views' 2B samples into its correlation once per optimizer step, as the authors' trainer
     does; another predictor is called once on both views concatenated.
+
+    ``loss``: ``byol`` or ``isoloss`` (:mod:`fastpred.losses`), in the given ``loss_form``.
     """
 
     def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, *,
-                 ema: bool = True, stop_grad: bool = True, symmetric_loss: bool = True):
+                 ema: bool = True, stop_grad: bool = True, symmetric_loss: bool = True,
+                 loss: str = "byol", loss_form: str = "cosine"):
         super().__init__()
         if ema and not stop_grad:
             raise ValueError("model.stop_grad=false needs model.ema=false: an EMA target is never trained, "
                              "so a gradient through it changes nothing (the paper's no-stop-gradient case is W_a = W)")
+        if loss not in ("byol", "isoloss"):
+            raise ValueError(f"loss={loss!r}: expected byol or isoloss")
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.ema, self.stop_grad, self.symmetric_loss = ema, stop_grad, symmetric_loss
+        self.loss, self.loss_form = loss, loss_form
         if ema:  # BYOL copies the online weights; they then follow an EMA
             self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)
             self.target_projector = copy.deepcopy(projector).requires_grad_(False)
@@ -161,11 +163,17 @@ class BYOL(nn.Module):
                 t1 = self.target_projector(self.target_backbone(v1)) if self.symmetric_loss else None
         else:
             t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)
-        loss = byol_loss(p1, t2)
+        loss = self.pair_loss(z1, p1, t2)
         if self.symmetric_loss:
-            loss = loss + byol_loss(p2, t1)
+            loss = loss + self.pair_loss(z2, p2, t1)
         z = torch.cat([z1, z2]) if self.symmetric_loss else z1
         return loss, h1.detach(), z.detach()
+
+    def pair_loss(self, z: torch.Tensor, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The loss of one view pair: online projection ``z``, its prediction ``p``, target ``t``."""
+        if self.loss == "isoloss":
+            return isoloss(z, p, t, self.loss_form)
+        return byol_loss(p, t, self.loss_form)
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
@@ -187,6 +195,6 @@ def build_model(cfg: Config, in_channels: int, seed: int) -> BYOL:
         projector = mlp(feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
         predictor = build_predictor(cfg.predictor, cfg.model.proj_dim)
         model = BYOL(backbone, projector, predictor, ema=cfg.model.ema, stop_grad=cfg.model.stop_grad,
-                     symmetric_loss=cfg.model.symmetric_loss)
+                     symmetric_loss=cfg.model.symmetric_loss, loss=cfg.loss.name, loss_form=cfg.loss.form)
     model.feat_dim = feat_dim
     return model

@@ -11,6 +11,7 @@ from train import linear_eval
 TINY = {
     "digits": ("digits", ["batch_size=512"]),  # 1437 images // 512 = 2 steps
     "cifar10_r18": ("cifar", ["batch_size=8", "data.image_size=16"]),  # 20 images
+    "cifar10_r18_isoloss": ("cifar", ["batch_size=8", "data.image_size=16", "amp=none", "model.proj_hidden=64"]),
     "stl10_r18": ("stl", ["batch_size=8", "data.image_size=32"]),  # 8 train + 8 unlabeled
     "imagenet_r50_300ep": ("imagefolder", ["batch_size=4", "data.image_size=32"]),  # 8 JPEGs + 1 broken
     "imagenet_r50_60ep": ("imagefolder", ["batch_size=4", "data.image_size=32"]),
