@@ -2,6 +2,7 @@
 Runs really go through subprocesses of the trainer CLI; resume after a kill, no redone runs,
 refusal of a changed grid. The verdict rule on hand-made numbers."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -101,6 +102,30 @@ def test_paper_grid_loads_row_major_with_the_references_first():
     order = study.plan(grid, 3)
     assert [(r.name, s) for r, s in order[:4]] == [("random_init", 0), ("random_init", 1), ("random_init", 2),
                                                   ("raw_pixels", 0)]
+
+
+def test_grid_set_applies_to_every_row_before_its_own(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text(json.dumps({"preset": "digits", "set": {"epochs": 3, "optim.lr": 0.2},
+                             "rows": [{"name": "a"}, {"name": "b", "set": {"optim.lr": 0.1}}]}))
+    grid = study.load_grid(str(p))
+    a, b = (study.run_config(grid, grid.row(n), 1) for n in ("a", "b"))
+    assert (a["epochs"], a["optim"]["lr"], b["epochs"], b["optim"]["lr"], b["seed"]) == (3, 0.2, 3, 0.1, 1)
+    p.write_text(json.dumps({"preset": "digits", "set": {"optim.lrr": 1}, "rows": [{"name": "a"}]}))
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        study.load_grid(str(p))
+
+
+def test_paper_grid_keeps_its_recorded_runs():
+    """docs/study.json was recorded with per-sample augmentation, before aug.batched existed: the
+    paper grid pins it, so its 78 runs stay valid; without the pin they would be refused."""
+    grid = study.load_grid("paper")
+    assert "aug.batched=false" in grid.set
+    state = json.loads((ROOT / "docs" / "study.json").read_text())
+    assert len(state["runs"]) == 78 and "batched" not in state["runs"]["directpred/seed0"]["config"]["aug"]
+    study.check_unchanged(grid, state)
+    with pytest.raises(ConfigError, match=r"directpred/seed0: aug.batched"):
+        study.check_unchanged(dataclasses.replace(grid, set=()), state)
 
 
 def _state(values: dict[str, list[float]], erank: float = 30.0) -> dict:
