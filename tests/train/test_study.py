@@ -128,6 +128,25 @@ def test_paper_grid_keeps_its_recorded_runs():
         study.check_unchanged(dataclasses.replace(grid, set=()), state)
 
 
+def _steps(cfg: dict) -> int:
+    images = cfg["data"]["train_subset"] or 60_000  # Fashion-MNIST's training split
+    return cfg["epochs"] * (images // cfg["batch_size"])
+
+
+def test_long_grid_is_the_main_claims_at_4x_the_steps_with_5_seeds():
+    long, paper = study.load_grid("long"), study.load_grid("paper")
+    assert long.preset == paper.preset and long.seeds == 5 and "aug.batched=true" in long.set
+    assert [r.reference for r in long.rows[:2]] == ["random_init", "raw_pixels"]
+    for row in long.rows:  # the same rows as in the paper grid, with their claims
+        twin = paper.row(row.name)
+        assert (row.set, row.reference, row.expect, row.paper) == (twin.set, twin.reference, twin.expect, twin.paper)
+    assert {"directpred", "sgd_linear", "mlp", "no_predictor", "sgd_linear_sym_noema", "sgd_linear_noema",
+            "no_stop_grad", "dp_power1", "dp_freq5"} <= {r.name for r in long.rows}
+    paper_steps = _steps(study.run_config(paper, paper.row("directpred"), 0))
+    assert paper_steps == 468
+    assert _steps(study.run_config(long, long.row("directpred"), 0)) >= 4 * paper_steps
+
+
 def _state(values: dict[str, list[float]], erank: float = 30.0) -> dict:
     runs = {}
     for row, vals in values.items():
