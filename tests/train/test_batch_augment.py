@@ -272,3 +272,15 @@ def test_batched_views_loader_yields_the_samplers_batches():
     v1, v2, labels, skipped = batches[0]
     assert torch.equal(labels, torch.as_tensor(ds.targets)[seen[0][1]]) and int(skipped.sum()) == 0
     assert torch.equal(v1, ds.images[seen[0][1]].float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_views_on_cuda_match_the_cpu():
+    cfg = AugConfig(crop_scale=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.4, 0.1), gray_p=0.2, blur_p=(1.0, 0.1),
+                    solarize_p=(0.0, 0.2))
+    augment = ba.BatchAugment(cfg, 32, (0.5,) * 3, (0.25,) * 3, seed=1)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    key = (torch.zeros(64, dtype=torch.int64), torch.arange(64))
+    for a, b in zip(augment(images, *key), augment(images.cuda(), *key)):
+        assert b.is_cuda
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)
