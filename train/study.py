@@ -2,9 +2,10 @@
 
     python -m train.study --grid paper --out docs [--seeds 3]
 
-A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, a default number
-of ``seeds`` and a list of ``rows``. A row either trains (``set``: ``key=value`` overrides of the
-preset, run as ``python -m train.pretrain`` then ``python -m train.linear_eval``) or is a
+A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, optional ``set``
+overrides of it for every row, a default number of ``seeds`` and a list of ``rows``. A row either
+trains (``set``: ``key=value`` overrides of the preset, after the grid's; run as
+``python -m train.pretrain`` then ``python -m train.linear_eval``) or is a
 ``reference`` evaluated without pre-training (``random_init`` or ``raw_pixels``). A row may carry
 the paper's number (``paper``) and direction (``expect``), against which each row gets a verdict.
 
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, diff, from_dict, load_config, load_yaml, named_yaml, read_text, to_dict
+from .config import ConfigError, diff, from_dict, from_saved, load_config, load_yaml, named_yaml, read_text, to_dict
 from .utils import read_metrics
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,7 @@ class Grid:
     seeds: int
     rows: tuple[Row, ...]
     notes: str = ""  # free text printed at the top of study.md (e.g. how the preset was calibrated)
+    set: tuple[str, ...] = ()  # key=value overrides of the preset for every row, before the row's own
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -98,9 +100,9 @@ def load_grid(name_or_path: str) -> Grid:
         raise ConfigError(str(e)) from e
     if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
         raise ConfigError(f"grid {path}: expected a mapping with a non-empty list 'rows'")
-    unknown = set(d) - {"preset", "seeds", "rows", "notes"}
+    unknown = set(d) - {"preset", "seeds", "set", "rows", "notes"}
     if unknown:
-        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, rows, notes)")
+        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, set, rows, notes)")
     rows, names = [], set()
     for i, r in enumerate(d["rows"]):
         if not isinstance(r, dict) or not r.get("name"):
@@ -108,14 +110,11 @@ def load_grid(name_or_path: str) -> Grid:
         bad = set(r) - {f for f in Row.__dataclass_fields__}
         if bad:
             raise ConfigError(f"grid {path}: row {r['name']!r} has unknown keys {sorted(bad)}")
-        s = r.get("set") or {}
-        if not isinstance(s, dict):
-            raise ConfigError(f"grid {path}: row {r['name']!r}: 'set' must be a mapping of dotted keys")
         if not ROW_NAME.match(str(r["name"])):
             raise ConfigError(f"grid {path}: row name {str(r['name'])!r} must be letters, digits, '_', '-' or '.' "
                               "(not starting with '.'): it names the run's folder under --out")
         row = Row(name=str(r["name"]), what=str(r.get("what", "")),
-                  set=tuple(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in s.items()),
+                  set=_overrides(r.get("set"), f"grid {path}: row {r['name']!r}"),
                   reference=str(r.get("reference", "")), paper=str(r.get("paper", "")),
                   expect=dict(r.get("expect") or {}))
         if row.name in names:
@@ -134,16 +133,23 @@ def load_grid(name_or_path: str) -> Grid:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"grid {path}: seeds={seeds!r}: expected a whole number >= 1")
     grid = Grid(name=path.stem, preset=str(d.get("preset", "")) or "digits", seeds=seeds,
-                rows=tuple(rows), notes=str(d.get("notes", "")).strip())
+                rows=tuple(rows), notes=str(d.get("notes", "")).strip(), set=_overrides(d.get("set"), f"grid {path}"))
     for row in rows:
         run_config(grid, row, 0)  # raises ConfigError naming a bad key
     return grid
 
 
+def _overrides(s: Any, where: str) -> tuple[str, ...]:
+    """A ``set`` mapping of dotted keys as ``key=value`` overrides."""
+    if not isinstance(s or {}, dict):
+        raise ConfigError(f"{where}: 'set' must be a mapping of dotted keys")
+    return tuple(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (s or {}).items())
+
+
 def run_config(grid: Grid, row: Row, seed: int) -> dict:
     """The full configuration a (row, seed) runs with, as a plain dict."""
     try:
-        return to_dict(load_config(grid.preset, [*row.set, f"seed={seed}"]))
+        return to_dict(load_config(grid.preset, [*grid.set, *row.set, f"seed={seed}"]))
     except ConfigError as e:
         raise ConfigError(f"grid {grid.name!r}, row {row.name!r}: {e}") from e
 
@@ -179,7 +185,7 @@ def check_unchanged(grid: Grid, state: dict) -> None:
             problems.append(f"row {row.name!r}: reference {rec.get('reference', '')!r} -> {row.reference!r}")
         now = run_config(grid, row, rec["seed"])
         try:
-            changed = diff(from_dict(rec["config"]), from_dict(now))
+            changed = diff(from_saved(rec["config"]), from_dict(now))
         except (ValueError, TypeError) as e:  # recorded by a trainer with other keys
             problems.append(f"{key}: its recorded configuration no longer loads ({e})")
             continue
@@ -322,11 +328,12 @@ def execute(grid: Grid, row: Row, seed: int, run_dir: Path, runner: Runner) -> d
     seed_arg = f"seed={seed}"
     if row.reference:
         runner([py, "-m", "train.linear_eval", "--config", grid.preset, "--reference", row.reference,
-                "--out", str(run_dir), *row.set, seed_arg], log)
+                "--out", str(run_dir), *grid.set, *row.set, seed_arg], log)
         res = json.loads((run_dir / "linear_eval.json").read_text())[row.reference]
         return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_lr": res["lr"], "erank": res["erank"]}
     wait_for_folder(run_dir)
-    runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *row.set, seed_arg], log)
+    runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *grid.set, *row.set, seed_arg],
+           log)
     final = final_metrics(run_dir)
     if final is None:
         raise RuntimeError(f"pre-training in {run_dir} ended without a final evaluation (log: {log})")
@@ -425,12 +432,13 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
     total = len(plan(grid, seeds))
     done = [r for r in state["runs"].values()]
     wall = sum(r["wall_s"] for r in done)
-    cfg = load_config(grid.preset)
+    cfg = load_config(grid.preset, grid.set)
     lines = [f"# Study `{grid.name}`: the paper's ablations on `{grid.preset}`", "",
              f"Reproduce: `{command}` (resumable; finished runs are kept).", "",
              f"State: {len(done)} of {total} runs finished ({seeds} seeds per row), "
              f"{wall / 3600:.2f} h of run wall time so far. Machine: {state.get('machine', machine())}.", "",
-             f"Recipe (preset `{grid.preset}`, frozen before the study): {cfg.model.arch} backbone, projector "
+             f"Recipe (preset `{grid.preset}`" + "".join(f", {o}" for o in grid.set) + ", frozen before the study): "
+             f"{cfg.model.arch} backbone, projector "
              f"{cfg.model.proj_hidden} -> {cfg.model.proj_dim}, {cfg.epochs} epochs on "
              f"{cfg.data.train_subset or 'all'} training images, batch {cfg.batch_size}, SGD lr {cfg.optim.lr} "
              f"wd {cfg.optim.weight_decay}, EMA {cfg.model.ema_tau}; DirectPred rho {cfg.predictor.rho}, "
