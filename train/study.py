@@ -50,7 +50,7 @@ REFERENCES = ("random_init", "raw_pixels")
 EXPECT_KINDS = ("above", "below", "similar_to", "collapses", "learns")
 COLLAPSE_ERANK = 2.0  # effective rank below this: the features collapsed (monitor.collapse_erank)
 # a `similar_to` claim holds when the paired 95 % interval lies within ± this many points of linear
-# top-1 (set before the `long` grid ran: about the seed-to-seed std of one row in the `paper` grid)
+# top-1: about one row's seed-to-seed std in the `paper` grid, chosen after it ran, before `long` did
 SIMILAR_MARGIN = 1.0
 CLAIM_SIGN = {"above": 1, "learns": 1, "below": -1, "collapses": -1}  # the sign of (row - compared row) claimed
 ROW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name under OUT/runs/, never a path
@@ -522,10 +522,11 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
              f"{COLLAPSE_ERANK:g} counts as collapse). A seed fixes the initial network, the data order and "
              "the linear evaluation's split in every row, so with at least "
              f"{MIN_PAIRS} seeds finished in both rows the verdict is read on the **paired** per-seed "
-             f"differences (table *Claims, paired by seed*): *holds* when their {LEVEL:.0%} Student-t "
+             f"differences (table *Claims, paired by seed*): *holds* when their {LEVEL * 100:g} % Student-t "
              "interval excludes 0 in the claimed direction, *contradicted* when it excludes 0 the other way, "
              "*undecided* otherwise; a ≈ claim holds when the interval lies within "
-             f"±{SIMILAR_MARGIN:g} point of top-1 (the equivalence margin, set before the `long` grid ran), "
+             f"±{SIMILAR_MARGIN:g} point of top-1 (the equivalence margin: about one row's seed-to-seed std in "
+             "the `paper` grid, chosen after that grid ran and before the `long` grid did), "
              "is contradicted when it lies wholly outside, undecided otherwise. With fewer paired seeds, "
              "the unpaired rule on the means: *within noise* when the difference is no larger than the "
              "larger standard deviation of the two rows, else holds / does not. *here*: the difference "
@@ -548,7 +549,7 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
     if paired:
         lines += ["", "## Claims, paired by seed", "",
                   f"Per seed, the row's linear top-1 minus the compared row's (*paper says*), over the seeds "
-                  f"finished in both; mean ± half-width of the two-sided {LEVEL:.0%} Student-t interval "
+                  f"finished in both; mean ± half-width of the two-sided {LEVEL * 100:g} % Student-t interval "
                   "(n - 1 degrees of freedom), and how many seeds differ in the claimed direction.", "", *paired]
     counts: dict[str, int] = {}
     for row in grid.rows:
