@@ -164,7 +164,7 @@ UNPAIRED_ROWS = (study.Row("rand", reference="random_init"), study.Row("a", expe
                  study.Row("b"), study.Row("c", expect={"collapses": True}), study.Row("d", expect={"similar_to": "b"}))
 
 
-def test_verdicts_below_3_paired_seeds_keep_the_unpaired_rule():
+def test_verdicts_below_3_paired_seeds_keep_the_unpaired_rule(tmp_path):
     grid = study.Grid("g", "digits", 2, UNPAIRED_ROWS)
     # a: mean 80, std 1.41; b: mean 78, std 1.41 -> difference 2 > spread 1.41: holds
     st = _state({"rand": [70, 72], "a": [79, 81], "b": [77, 79], "c": [60, 62], "d": [78.5, 79.5]})
@@ -181,6 +181,11 @@ def test_verdicts_below_3_paired_seeds_keep_the_unpaired_rule():
     st = _state({"a": {0: 79, 1: 81, 7: 80}, "b": {0: 77, 1: 79, 8: 78}})
     assert study.paired_diff(grid, st, grid.row("a")).n == 2
     assert study.verdict(grid, st, grid.row("a"))[1] == "holds"
+    study.write_report(grid, st, tmp_path, 3, "python -m train.study --grid g")
+    md = (tmp_path / "study.md").read_text()
+    # d = 2, 2 (seeds 0, 1): sd 0, so the t interval (t_{0.975,1} = 12.71) is [2, 2]
+    assert "| a | > b | 2 | +2.00 ± 0.00 | [+2.00, +2.00] | 2 of 2 | holds (unpaired rule: 2 paired seeds) |" in md
+    assert "- a vs b: seed 7 finished in a only: left out of the pairing." in md
 
 
 def test_paired_verdicts_from_3_seeds():
