@@ -61,6 +61,9 @@ class AugConfig:
     blur_kernel: float = 0.1  # Gaussian kernel side as a fraction of image_size (sigma 0.1-2)
     solarize_p: tuple[float, float] = (0.0, 0.0)
     normalize: bool = True  # subtract the dataset mean, divide by its std
+    # in-memory data (digits, fashion_mnist, cifar10, stl10): both views of a whole batch made on the
+    # training device (train.batch_augment); false, and always for imagefolder: per sample in the loader
+    batched: bool = True
 
 
 @dataclass
@@ -474,6 +477,21 @@ def from_dict(d: dict, cfg: Config | None = None) -> Config:
     cfg = cfg if cfg is not None else Config()
     for key, value in _flatten(d or {}).items():
         set_key(cfg, key, value)
+    return cfg
+
+
+# keys added after configurations were first saved, with the value a configuration saved before them ran with
+ADDED_KEYS: dict[str, Any] = {"aug.batched": False}
+
+
+def from_saved(d: dict) -> Config:
+    """A saved configuration (a checkpoint's, a study's record) as the run it describes: a key it
+    predates takes the value that run had (``ADDED_KEYS``), not today's default."""
+    cfg = from_dict(d)
+    given = _flatten(d or {})
+    for key, value in ADDED_KEYS.items():
+        if key not in given:
+            set_key(cfg, key, value)
     return cfg
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint
-from .config import Config, ConfigError, diff, from_dict, save_yaml, to_dict
+from .config import Config, ConfigError, diff, from_saved, save_yaml, to_dict
 from .run_state import EpochSums, Run, bare_module, host_losses
 from .utils import (MetricsLog, all_reduce_sum, gather_objects, log, read_metrics, rng_state, set_rng_state,
                     warn)
@@ -173,7 +173,7 @@ def _get(d: dict, dotted: str) -> Any:
 def config_changes(state: dict, cfg: Config) -> list[str]:
     """The configuration keys whose values in ``cfg`` differ from the checkpoint's."""
     try:
-        return diff(from_dict(state["config"]), cfg)
+        return diff(from_saved(state["config"]), cfg)
     except ValueError as e:  # written by a version with other keys
         return [f"(saved configuration not comparable: {e})"]
 

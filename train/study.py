@@ -2,9 +2,10 @@
 
     python -m train.study --grid paper --out docs [--seeds 3]
 
-A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, a default number
-of ``seeds`` and a list of ``rows``. A row either trains (``set``: ``key=value`` overrides of the
-preset, run as ``python -m train.pretrain`` then ``python -m train.linear_eval``) or is a
+A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, optional ``set``
+overrides of it for every row, a default number of ``seeds`` and a list of ``rows``. A row either
+trains (``set``: ``key=value`` overrides of the preset, after the grid's; run as
+``python -m train.pretrain`` then ``python -m train.linear_eval``) or is a
 ``reference`` evaluated without pre-training (``random_init`` or ``raw_pixels``). A row may carry
 the paper's number (``paper``) and direction (``expect``), against which each row gets a verdict.
 
@@ -39,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, diff, from_dict, load_config, load_yaml, named_yaml, read_text, to_dict
+from .config import ConfigError, diff, from_dict, from_saved, load_config, load_yaml, named_yaml, read_text, to_dict
+from .paired import LEVEL, MIN_PAIRS, PairedDiff, directional, equivalent, pair
 from .utils import read_metrics
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,10 @@ GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
 REFERENCES = ("random_init", "raw_pixels")
 EXPECT_KINDS = ("above", "below", "similar_to", "collapses", "learns")
 COLLAPSE_ERANK = 2.0  # effective rank below this: the features collapsed (monitor.collapse_erank)
+# a `similar_to` claim holds when the paired 95 % interval lies within ± this many points of linear
+# top-1: about one row's seed-to-seed std in the `paper` grid, chosen after it ran, before `long` did
+SIMILAR_MARGIN = 1.0
+CLAIM_SIGN = {"above": 1, "learns": 1, "below": -1, "collapses": -1}  # the sign of (row - compared row) claimed
 ROW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name under OUT/runs/, never a path
 RECORD_KEYS = ("row", "seed", "config")  # what every run record of study.json carries
 
@@ -71,6 +77,7 @@ class Grid:
     seeds: int
     rows: tuple[Row, ...]
     notes: str = ""  # free text printed at the top of study.md (e.g. how the preset was calibrated)
+    set: tuple[str, ...] = ()  # key=value overrides of the preset for every row, before the row's own
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -98,9 +105,9 @@ def load_grid(name_or_path: str) -> Grid:
         raise ConfigError(str(e)) from e
     if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
         raise ConfigError(f"grid {path}: expected a mapping with a non-empty list 'rows'")
-    unknown = set(d) - {"preset", "seeds", "rows", "notes"}
+    unknown = set(d) - {"preset", "seeds", "set", "rows", "notes"}
     if unknown:
-        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, rows, notes)")
+        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, set, rows, notes)")
     rows, names = [], set()
     for i, r in enumerate(d["rows"]):
         if not isinstance(r, dict) or not r.get("name"):
@@ -108,14 +115,11 @@ def load_grid(name_or_path: str) -> Grid:
         bad = set(r) - {f for f in Row.__dataclass_fields__}
         if bad:
             raise ConfigError(f"grid {path}: row {r['name']!r} has unknown keys {sorted(bad)}")
-        s = r.get("set") or {}
-        if not isinstance(s, dict):
-            raise ConfigError(f"grid {path}: row {r['name']!r}: 'set' must be a mapping of dotted keys")
         if not ROW_NAME.match(str(r["name"])):
             raise ConfigError(f"grid {path}: row name {str(r['name'])!r} must be letters, digits, '_', '-' or '.' "
                               "(not starting with '.'): it names the run's folder under --out")
         row = Row(name=str(r["name"]), what=str(r.get("what", "")),
-                  set=tuple(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in s.items()),
+                  set=_overrides(r.get("set"), f"grid {path}: row {r['name']!r}"),
                   reference=str(r.get("reference", "")), paper=str(r.get("paper", "")),
                   expect=dict(r.get("expect") or {}))
         if row.name in names:
@@ -134,16 +138,23 @@ def load_grid(name_or_path: str) -> Grid:
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"grid {path}: seeds={seeds!r}: expected a whole number >= 1")
     grid = Grid(name=path.stem, preset=str(d.get("preset", "")) or "digits", seeds=seeds,
-                rows=tuple(rows), notes=str(d.get("notes", "")).strip())
+                rows=tuple(rows), notes=str(d.get("notes", "")).strip(), set=_overrides(d.get("set"), f"grid {path}"))
     for row in rows:
         run_config(grid, row, 0)  # raises ConfigError naming a bad key
     return grid
 
 
+def _overrides(s: Any, where: str) -> tuple[str, ...]:
+    """A ``set`` mapping of dotted keys as ``key=value`` overrides."""
+    if not isinstance(s or {}, dict):
+        raise ConfigError(f"{where}: 'set' must be a mapping of dotted keys")
+    return tuple(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (s or {}).items())
+
+
 def run_config(grid: Grid, row: Row, seed: int) -> dict:
     """The full configuration a (row, seed) runs with, as a plain dict."""
     try:
-        return to_dict(load_config(grid.preset, [*row.set, f"seed={seed}"]))
+        return to_dict(load_config(grid.preset, [*grid.set, *row.set, f"seed={seed}"]))
     except ConfigError as e:
         raise ConfigError(f"grid {grid.name!r}, row {row.name!r}: {e}") from e
 
@@ -179,7 +190,7 @@ def check_unchanged(grid: Grid, state: dict) -> None:
             problems.append(f"row {row.name!r}: reference {rec.get('reference', '')!r} -> {row.reference!r}")
         now = run_config(grid, row, rec["seed"])
         try:
-            changed = diff(from_dict(rec["config"]), from_dict(now))
+            changed = diff(from_saved(rec["config"]), from_dict(now))
         except (ValueError, TypeError) as e:  # recorded by a trainer with other keys
             problems.append(f"{key}: its recorded configuration no longer loads ({e})")
             continue
@@ -322,11 +333,12 @@ def execute(grid: Grid, row: Row, seed: int, run_dir: Path, runner: Runner) -> d
     seed_arg = f"seed={seed}"
     if row.reference:
         runner([py, "-m", "train.linear_eval", "--config", grid.preset, "--reference", row.reference,
-                "--out", str(run_dir), *row.set, seed_arg], log)
+                "--out", str(run_dir), *grid.set, *row.set, seed_arg], log)
         res = json.loads((run_dir / "linear_eval.json").read_text())[row.reference]
         return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_lr": res["lr"], "erank": res["erank"]}
     wait_for_folder(run_dir)
-    runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *row.set, seed_arg], log)
+    runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *grid.set, *row.set, seed_arg],
+           log)
     final = final_metrics(run_dir)
     if final is None:
         raise RuntimeError(f"pre-training in {run_dir} ended without a final evaluation (log: {log})")
@@ -351,43 +363,109 @@ def stats(values: list[float]) -> tuple[float, float, int]:
 
 
 def row_values(state: dict, row: Row, metric: str = "linear_top1") -> list[float]:
-    return [r["metrics"][metric] for r in state["runs"].values()
-            if r["row"] == row.name and r.get("metrics") and r["metrics"].get(metric) is not None]
+    return list(seed_values(state, row, metric).values())
+
+
+def seed_values(state: dict, row: Row, metric: str = "linear_top1") -> dict[int, float]:
+    """The row's finished runs: seed -> metric (failed runs and runs without the metric left out)."""
+    return {r["seed"]: r["metrics"][metric] for r in state["runs"].values()
+            if r["row"] == row.name and r.get("metrics") and r["metrics"].get(metric) is not None}
+
+
+def compared_row(grid: Grid, row: Row) -> str | None:
+    """The row a claim compares with: its ``expect`` target, or the ``random_init`` reference row for
+    ``collapses`` / ``learns`` (None when the grid has none, or the row makes no claim)."""
+    if not row.expect:
+        return None
+    kind, target = next(iter(row.expect.items()))
+    if kind in ("collapses", "learns"):
+        return next((r.name for r in grid.rows if r.reference == "random_init"), None)
+    return target
+
+
+def paired_diff(grid: Grid, state: dict, row: Row) -> PairedDiff | None:
+    """Per-seed differences of the row's linear top-1 against its compared row (None without a claim)."""
+    target = compared_row(grid, row)
+    if target is None:
+        return None
+    return pair(seed_values(state, row), seed_values(state, grid.row(target)))
 
 
 def verdict(grid: Grid, state: dict, row: Row) -> tuple[str, str]:
-    """(what was compared, verdict) for the row's ``expect``; verdicts: holds / does not / within noise.
+    """(what was compared, verdict) for the row's ``expect``, on the linear top-1.
 
-    A difference no larger than the larger of the two rows' standard deviations is within noise.
+    With at least ``MIN_PAIRS`` seeds finished in both rows the verdict is paired (``train.paired``):
+    *holds* when the 95 % t interval of the mean per-seed difference excludes 0 in the claimed
+    direction, *contradicted* when it excludes 0 the other way, *undecided* otherwise; a
+    ``similar_to`` claim holds when the interval lies within ±``SIMILAR_MARGIN``, is contradicted
+    when it lies wholly outside, undecided otherwise. With fewer paired seeds, the unpaired rule:
+    holds / does not / within noise, where a difference of the means no larger than the larger of
+    the two rows' standard deviations is within noise (and a ``similar_to`` claim holds).
     ``collapses`` / ``learns`` compare with the ``random_init`` reference row (a network that learned
-    nothing useful reads like one at random init) and count an effective rank below 2 as collapse."""
+    nothing useful reads like one at random init) and count an effective rank below 2 as collapse.
+    The first element shows the unpaired difference of the means; the paired one is in
+    ``paired_diff``."""
     if not row.expect:
         return "", "" if row.reference else "no claim in the paper"
-    kind, target = next(iter(row.expect.items()))
+    kind = next(iter(row.expect))
     mean, std, n = stats(row_values(state, row))
     if n == 0:
         failed = sum(1 for r in state["runs"].values() if r["row"] == row.name and r.get("error"))
         return "", f"no finished run ({failed} failed)" if failed else "pending"
-    if kind in ("collapses", "learns"):
-        ref = next((r for r in grid.rows if r.reference == "random_init"), None)
-        if ref is None:
-            return "", "no random_init row"
-        target = ref.name
+    target = compared_row(grid, row)
+    if target is None:
+        return "", "no random_init row"
     rmean, rstd, rn = stats(row_values(state, grid.row(target)))
     if rn == 0:
         return "", f"pending ({target})"
     d, spread = mean - rmean, max(std, rstd)
     shown = f"{d:+.2f} vs {target} (spread {spread:.2f})"
+    p = paired_diff(grid, state, row)
+    is_paired = p is not None and p.n >= MIN_PAIRS
     erank = stats(row_values(state, row, "erank"))[0]
     if kind in ("collapses", "learns") and erank < COLLAPSE_ERANK:
-        return shown + f", erank {erank:.1f}", "holds" if kind == "collapses" else "does not"
+        failed_claim = "contradicted" if is_paired else "does not"
+        return shown + f", erank {erank:.1f}", "holds" if kind == "collapses" else failed_claim
+    if is_paired:
+        return shown, equivalent(p, SIMILAR_MARGIN) if kind == "similar_to" else directional(p, CLAIM_SIGN[kind])
     if kind == "similar_to":
         return shown, "holds" if abs(d) <= spread else "does not"
     if abs(d) <= spread:
         return shown, "within noise"
     positive = d > 0
-    wanted = {"above": True, "below": False, "learns": True, "collapses": False}[kind]
-    return shown, "holds" if positive == wanted else "does not"
+    return shown, "holds" if positive == (CLAIM_SIGN[kind] > 0) else "does not"
+
+
+def paired_table(grid: Grid, state: dict) -> list[str]:
+    """study.md's table of the claims' paired per-seed differences, and the seeds left unpaired."""
+    lines = ["| row | paper says | paired seeds | difference (points), mean ± 95 % | 95 % interval | "
+             "seeds in the claimed direction | verdict |", "|---|---|---|---|---|---|---|"]
+    unpaired = []
+    for row in grid.rows:
+        p = paired_diff(grid, state, row)
+        if p is None:
+            continue
+        target = compared_row(grid, row)
+        v = verdict(grid, state, row)[1]
+        if v and p.n < MIN_PAIRS and not v.startswith(("pending", "no ")):
+            v += f" (unpaired rule: {p.n} paired seed{'s' * (p.n != 1)})"
+        kind = next(iter(row.expect))
+        if p.n == 0:
+            diff_text = interval = agree = "—"
+        else:
+            h = p.half_width()
+            diff_text = f"{p.mean:+.2f}" + (f" ± {h:.2f}" if p.n >= 2 else " (one seed)")
+            interval = f"[{p.mean - h:+.2f}, {p.mean + h:+.2f}]" if p.n >= 2 else "—"
+            agree = (f"{p.within(SIMILAR_MARGIN)} of {p.n} within ±{SIMILAR_MARGIN:g}" if kind == "similar_to"
+                     else f"{p.agreeing(CLAIM_SIGN[kind])} of {p.n}")
+        lines.append(f"| {row.name} | {direction_text(row)} | {p.n} | {diff_text} | {interval} | {agree} | {v} |")
+        for name, seeds in ((row.name, p.only_a), (target, p.only_b)):
+            if seeds:
+                unpaired.append(f"- {row.name} vs {target}: seed{'s' * (len(seeds) > 1)} "
+                                f"{', '.join(map(str, seeds))} finished in {name} only: left out of the pairing.")
+    if len(lines) == 2:
+        return []
+    return lines + (["", *unpaired] if unpaired else [])
 
 
 def direction_text(row: Row) -> str:
@@ -425,12 +503,13 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
     total = len(plan(grid, seeds))
     done = [r for r in state["runs"].values()]
     wall = sum(r["wall_s"] for r in done)
-    cfg = load_config(grid.preset)
+    cfg = load_config(grid.preset, grid.set)
     lines = [f"# Study `{grid.name}`: the paper's ablations on `{grid.preset}`", "",
              f"Reproduce: `{command}` (resumable; finished runs are kept).", "",
              f"State: {len(done)} of {total} runs finished ({seeds} seeds per row), "
              f"{wall / 3600:.2f} h of run wall time so far. Machine: {state.get('machine', machine())}.", "",
-             f"Recipe (preset `{grid.preset}`, frozen before the study): {cfg.model.arch} backbone, projector "
+             f"Recipe (preset `{grid.preset}`" + "".join(f", {o}" for o in grid.set) + ", frozen before the study): "
+             f"{cfg.model.arch} backbone, projector "
              f"{cfg.model.proj_hidden} -> {cfg.model.proj_dim}, {cfg.epochs} epochs on "
              f"{cfg.data.train_subset or 'all'} training images, batch {cfg.batch_size}, SGD lr {cfg.optim.lr} "
              f"wd {cfg.optim.weight_decay}, EMA {cfg.model.ema_tau}; DirectPred rho {cfg.predictor.rho}, "
@@ -438,10 +517,20 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
              f"{cfg.eval.epochs} epochs, lr chosen from {list(cfg.eval.lr_grid)} on {cfg.eval.val_fraction:.0%} "
              "of the training images held out, test on the 10 000 test images.", "",
              *([grid.notes, ""] if grid.notes else []),
-             "Verdicts: the paper's direction (column *paper says*) checked here on the mean linear top-1. "
-             "*within noise*: the difference is no larger than the larger standard deviation of the two rows. "
-             "*collapses* / *learns* are read against the random-init network; an effective rank below "
-             f"{COLLAPSE_ERANK:g} counts as collapse. *eff. rank*: effective rank (Roy & Vetterli 2007) of the "
+             "Verdicts: the paper's direction (column *paper says*) checked here on the linear top-1, "
+             "*collapses* / *learns* against the random-init network (an effective rank below "
+             f"{COLLAPSE_ERANK:g} counts as collapse). A seed fixes the initial network, the data order and "
+             "the linear evaluation's split in every row, so with at least "
+             f"{MIN_PAIRS} seeds finished in both rows the verdict is read on the **paired** per-seed "
+             f"differences (table *Claims, paired by seed*): *holds* when their {LEVEL * 100:g} % Student-t "
+             "interval excludes 0 in the claimed direction, *contradicted* when it excludes 0 the other way, "
+             "*undecided* otherwise; a ≈ claim holds when the interval lies within "
+             f"±{SIMILAR_MARGIN:g} point of top-1 (the equivalence margin: about one row's seed-to-seed std in "
+             "the `paper` grid, chosen after that grid ran and before the `long` grid did), "
+             "is contradicted when it lies wholly outside, undecided otherwise. With fewer paired seeds, "
+             "the unpaired rule on the means: *within noise* when the difference is no larger than the "
+             "larger standard deviation of the two rows, else holds / does not. *here*: the difference "
+             "of the means and that spread. *eff. rank*: effective rank (Roy & Vetterli 2007) of the "
              "backbone features of the training images the linear classifier sees; *kNN*: the trainer's "
              "weighted kNN monitor at the end of pre-training. Paper numbers are STL-10, ResNet-18, 100 epochs, "
              "5 seeds unless noted: only their direction is comparable.", "",
@@ -456,6 +545,12 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
         n = f"{top[2]}" + (f" (+{failed} failed)" if failed else "")
         lines.append(f"| {row.name} | {row.what} | {n} | {_fmt(*top)} | {_fmt(*er, digits=1)} | "
                      f"{_fmt(*knn) if knn[2] else '—'} | {row.paper} | {direction_text(row)} | {shown} | {v} |")
+    paired = paired_table(grid, state)
+    if paired:
+        lines += ["", "## Claims, paired by seed", "",
+                  f"Per seed, the row's linear top-1 minus the compared row's (*paper says*), over the seeds "
+                  f"finished in both; mean ± half-width of the two-sided {LEVEL * 100:g} % Student-t interval "
+                  "(n - 1 degrees of freedom), and how many seeds differ in the claimed direction.", "", *paired]
     counts: dict[str, int] = {}
     for row in grid.rows:
         v = verdict(grid, state, row)[1].split(" (")[0]

@@ -2,6 +2,7 @@
 Runs really go through subprocesses of the trainer CLI; resume after a kill, no redone runs,
 refusal of a changed grid. The verdict rule on hand-made numbers."""
 
+import dataclasses
 import json
 import os
 import re
@@ -104,32 +105,159 @@ def test_paper_grid_loads_row_major_with_the_references_first():
                                                   ("raw_pixels", 0)]
 
 
-def _state(values: dict[str, list[float]], erank: float = 30.0) -> dict:
+def test_grid_set_applies_to_every_row_before_its_own(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text(json.dumps({"preset": "digits", "set": {"epochs": 3, "optim.lr": 0.2},
+                             "rows": [{"name": "a"}, {"name": "b", "set": {"optim.lr": 0.1}}]}))
+    grid = study.load_grid(str(p))
+    a, b = (study.run_config(grid, grid.row(n), 1) for n in ("a", "b"))
+    assert (a["epochs"], a["optim"]["lr"], b["epochs"], b["optim"]["lr"], b["seed"]) == (3, 0.2, 3, 0.1, 1)
+    p.write_text(json.dumps({"preset": "digits", "set": {"optim.lrr": 1}, "rows": [{"name": "a"}]}))
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        study.load_grid(str(p))
+
+
+def test_paper_grid_keeps_its_recorded_runs():
+    """docs/study.json was recorded with per-sample augmentation, before aug.batched existed: the
+    paper grid pins it, so its 78 runs stay valid; without the pin they would be refused."""
+    grid = study.load_grid("paper")
+    assert "aug.batched=false" in grid.set
+    state = json.loads((ROOT / "docs" / "study.json").read_text())
+    assert len(state["runs"]) == 78 and "batched" not in state["runs"]["directpred/seed0"]["config"]["aug"]
+    study.check_unchanged(grid, state)
+    with pytest.raises(ConfigError, match=r"directpred/seed0: aug.batched"):
+        study.check_unchanged(dataclasses.replace(grid, set=()), state)
+
+
+def _steps(cfg: dict) -> int:
+    images = cfg["data"]["train_subset"] or 60_000  # Fashion-MNIST's training split
+    return cfg["epochs"] * (images // cfg["batch_size"])
+
+
+def test_long_grid_is_the_main_claims_at_4x_the_steps_with_5_seeds():
+    long, paper = study.load_grid("long"), study.load_grid("paper")
+    assert long.preset == paper.preset and long.seeds == 5 and "aug.batched=true" in long.set
+    assert [r.reference for r in long.rows[:2]] == ["random_init", "raw_pixels"]
+    for row in long.rows:  # the same rows as in the paper grid, with their claims
+        twin = paper.row(row.name)
+        assert (row.set, row.reference, row.expect, row.paper) == (twin.set, twin.reference, twin.expect, twin.paper)
+    assert {"directpred", "sgd_linear", "mlp", "no_predictor", "sgd_linear_sym_noema", "sgd_linear_noema",
+            "no_stop_grad", "dp_power1", "dp_freq5"} <= {r.name for r in long.rows}
+    paper_steps = _steps(study.run_config(paper, paper.row("directpred"), 0))
+    assert paper_steps == 468
+    assert _steps(study.run_config(long, long.row("directpred"), 0)) >= 4 * paper_steps
+
+
+def _state(values: dict[str, list[float] | dict[int, float]], erank: float | dict[str, float] = 30.0) -> dict:
+    """study.json's records: row -> top-1 per seed (a list: seeds 0, 1, ...; a dict: seed -> value)."""
     runs = {}
     for row, vals in values.items():
-        for s, v in enumerate(vals):
-            runs[f"{row}/seed{s}"] = {"row": row, "seed": s, "wall_s": 1.0,
-                                     "metrics": {"linear_top1": v, "erank": erank}}
+        per_seed = vals if isinstance(vals, dict) else dict(enumerate(vals))
+        er = erank.get(row, 30.0) if isinstance(erank, dict) else erank
+        for s, v in per_seed.items():
+            runs[f"{row}/seed{s}"] = {"row": row, "seed": s, "wall_s": 1.0, "config": {},
+                                     "metrics": {"linear_top1": v, "erank": er}}
     return {"runs": runs}
 
 
-def test_verdicts():
-    rows = (study.Row("rand", reference="random_init"), study.Row("a", expect={"above": "b"}),
-            study.Row("b"), study.Row("c", expect={"collapses": True}), study.Row("d", expect={"similar_to": "b"}))
-    grid = study.Grid("g", "digits", 3, rows)
-    # a: mean 80, std 1; b: mean 78, std 1 -> difference 2 > spread 1: holds
-    st = _state({"rand": [70, 71, 72], "a": [79, 80, 81], "b": [77, 78, 79], "c": [60, 61, 62], "d": [78.5, 79, 79.5]})
-    assert study.verdict(grid, st, grid.row("a"))[1] == "holds"
+UNPAIRED_ROWS = (study.Row("rand", reference="random_init"), study.Row("a", expect={"above": "b"}),
+                 study.Row("b"), study.Row("c", expect={"collapses": True}), study.Row("d", expect={"similar_to": "b"}))
+
+
+def test_verdicts_below_3_paired_seeds_keep_the_unpaired_rule(tmp_path):
+    grid = study.Grid("g", "digits", 2, UNPAIRED_ROWS)
+    # a: mean 80, std 1.41; b: mean 78, std 1.41 -> difference 2 > spread 1.41: holds
+    st = _state({"rand": [70, 72], "a": [79, 81], "b": [77, 79], "c": [60, 62], "d": [78.5, 79.5]})
+    assert study.verdict(grid, st, grid.row("a")) == ("+2.00 vs b (spread 1.41)", "holds")
     assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # 10 points below random init
-    assert study.verdict(grid, st, grid.row("d"))[1] == "holds"  # +1.0 within spread 1.0
-    st = _state({"rand": [70, 71, 72], "a": [76, 77, 78], "b": [77, 78, 79], "c": [80, 81, 82], "d": [80, 81, 82]})
-    assert study.verdict(grid, st, grid.row("a"))[1] == "within noise"  # -1 vs spread 1
+    assert study.verdict(grid, st, grid.row("d"))[1] == "holds"  # +1.0 within spread 1.41
+    st = _state({"rand": [70, 72], "a": [76, 78], "b": [77, 79], "c": [80, 82], "d": [80, 82]})
+    assert study.verdict(grid, st, grid.row("a"))[1] == "within noise"  # -1 vs spread 1.41
     assert study.verdict(grid, st, grid.row("c"))[1] == "does not"  # learns: +10 over random init
-    assert study.verdict(grid, st, grid.row("d"))[1] == "does not"
-    st = _state({"rand": [70, 71, 72], "a": [70, 75, 80], "b": [77, 78, 79]})
-    assert study.verdict(grid, st, grid.row("a"))[1] == "within noise"  # -3 vs spread 5
-    st = _state({"rand": [70, 71, 72], "c": [80, 81, 82]}, erank=1.2)
+    assert study.verdict(grid, st, grid.row("d"))[1] == "does not"  # +3 vs spread 1.41
+    st = _state({"rand": [70, 72], "c": [80, 82]}, erank=1.2)
     assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # effective rank below 2: collapsed
+    # 3 seeds each, but only 2 of them in both rows: still the unpaired rule
+    st = _state({"a": {0: 79, 1: 81, 7: 80}, "b": {0: 77, 1: 79, 8: 78}})
+    assert study.paired_diff(grid, st, grid.row("a")).n == 2
+    assert study.verdict(grid, st, grid.row("a"))[1] == "holds"
+    study.write_report(grid, st, tmp_path, 3, "python -m train.study --grid g")
+    md = (tmp_path / "study.md").read_text()
+    # d = 2, 2 (seeds 0, 1): sd 0, so the t interval (t_{0.975,1} = 12.71) is [2, 2]
+    assert "| a | > b | 2 | +2.00 ± 0.00 | [+2.00, +2.00] | 2 of 2 | holds (unpaired rule: 2 paired seeds) |" in md
+    assert "- a vs b: seed 7 finished in a only: left out of the pairing." in md
+
+
+def test_paired_verdicts_from_3_seeds():
+    """Hand-computed: differences d with mean m, sd s over n = 3 seeds; t_{0.975,2} = 4.303 (printed
+    t table) -> interval m ± 4.303 s / sqrt(3) = m ± 2.484 s."""
+    b = [70, 75, 80]  # a large seed-to-seed spread shared by every row
+    rand = [60, 61, 62]
+    rows = [study.Row("rand", reference="random_init"), study.Row("b")]
+    cases = {  # name: (expect, per-seed values, verdict)
+        "same_shift": ({"above": "b"}, [71, 76, 81], "holds"),  # d = 1, 1, 1: [1, 1]; unpaired: within noise
+        "lower": ({"above": "b"}, [69, 74, 79], "contradicted"),  # d = -1, -1, -1
+        "wide": ({"above": "b"}, [71, 77, 83], "undecided"),  # d = 1, 2, 3: 2 ± 2.484 = [-0.48, 4.48]
+        "below": ({"below": "b"}, [68, 72, 76], "holds"),  # d = -2, -3, -4: [-5.48, -0.52]
+        "eq": ({"similar_to": "b"}, [70.1, 74.9, 80.0], "holds"),  # d = .1, -.1, 0: ± 0.248, inside ± 1
+        "eq_wide": ({"similar_to": "b"}, [71, 77, 83], "undecided"),  # [-0.48, 4.48] crosses +1
+        "eq_far": ({"similar_to": "b"}, [73, 78.5, 84], "contradicted"),  # d = 3, 3.5, 4: [2.26, 4.74] > 1
+        "learns": ({"learns": True}, [62, 64, 66], "holds"),  # vs rand: d = 2, 3, 4: [0.52, 5.48]
+        "collapses_not": ({"collapses": True}, [62, 64, 66], "contradicted"),
+        "collapses_maybe": ({"collapses": True}, [59, 62, 62], "undecided"),  # d = -1, 1, 0: ± 2.484
+        "collapsed": ({"collapses": True}, [62, 64, 66], "holds"),  # effective rank 1.2 < 2
+        "learns_collapsed": ({"learns": True}, [62, 64, 66], "contradicted"),  # effective rank 1.2 < 2
+    }
+    rows += [study.Row(name, expect=expect) for name, (expect, _, _) in cases.items()]
+    grid = study.Grid("g", "digits", 3, tuple(rows))
+    st = _state({"rand": rand, "b": b, **{name: v for name, (_, v, _) in cases.items()}},
+                erank={"collapsed": 1.2, "learns_collapsed": 1.2})
+    got = {name: study.verdict(grid, st, grid.row(name))[1] for name in cases}
+    assert got == {name: want for name, (_, _, want) in cases.items()}
+    assert study.verdict(grid, st, grid.row("same_shift"))[0] == "+1.00 vs b (spread 5.00)"  # unpaired: noise
+    p = study.paired_diff(grid, st, grid.row("wide"))
+    assert p.diffs == (1, 2, 3) and p.mean == 2 and p.sd == 1
+    assert p.half_width() == pytest.approx(4.303 / 3 ** 0.5, abs=1e-3)
+    assert p.agreeing(+1) == 3
+
+
+def test_report_shows_the_paired_differences_and_the_unpaired_seeds(tmp_path):
+    """Through study.json records: directpred vs sgd_linear over seeds 0-4, sgd_linear's seed 4
+    failed and seed 6 exists in it alone; so seeds 0-3 pair: d = 0.5, 1.5, -0.5, 2.5 (mean 1, sd
+    sqrt(5 / 3) = 1.2910; t_{0.975,3} = 3.182 -> half-width 3.182 * 1.2910 / 2 = 2.054); 3 of 4 above."""
+    rows = (study.Row("random_init", reference="random_init"), study.Row("dp", expect={"above": "sgd"}),
+            study.Row("sgd", expect={"learns": True}))
+    grid = study.Grid("g", "digits", 5, rows)
+    st = _state({"random_init": [70, 71, 72, 73, 74], "dp": [78.5, 79.5, 77.5, 80.5, 79.0],
+                 "sgd": {0: 78.0, 1: 78.0, 2: 78.0, 3: 78.0, 6: 78.0}})
+    st["runs"]["sgd/seed4"] = {"row": "sgd", "seed": 4, "wall_s": 1.0, "config": {}, "error": "diverged"}
+    p = study.paired_diff(grid, st, grid.row("dp"))
+    assert (p.seeds, p.only_a, p.only_b) == ((0, 1, 2, 3), (4,), (6,))
+    assert p.mean == pytest.approx(1.0) and p.sd == pytest.approx((5 / 3) ** 0.5)
+    assert p.half_width() == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, abs=1e-3)
+    study.write_report(grid, st, tmp_path, 5, "python -m train.study --grid g")
+    md = (tmp_path / "study.md").read_text()
+    table = md.split("## Claims, paired by seed", 1)[1]
+    dp_line = next(l for l in table.splitlines() if l.startswith("| dp |"))
+    assert dp_line == "| dp | > sgd | 4 | +1.00 ± 2.05 | [-1.05, +3.05] | 3 of 4 | undecided |"
+    # sgd vs random_init: seeds 0-3 pair (4 failed, 6 has no random_init run): d = 8, 7, 6, 5
+    sgd_line = next(l for l in table.splitlines() if l.startswith("| sgd |"))
+    assert sgd_line.startswith("| sgd | learns | 4 | +6.50 ± 2.05 |") and sgd_line.endswith("| 4 of 4 | holds |")
+    assert "- dp vs sgd: seed 4 finished in dp only: left out of the pairing." in table
+    assert "- dp vs sgd: seed 6 finished in sgd only: left out of the pairing." in table
+    assert "- sgd vs random_init: seed 4 finished in random_init only: left out of the pairing." in table
+
+
+def test_paper_grid_report_shows_paired_stats_for_its_claims(tmp_path):
+    """The recorded 3-seed paper study: its report gets a paired line for every claim row."""
+    grid = study.load_grid("paper")
+    state = json.loads((ROOT / "docs" / "study.json").read_text())
+    study.write_report(grid, state, tmp_path, 3, "python -m train.study --grid paper --out docs --seeds 3")
+    table = (tmp_path / "study.md").read_text().split("## Claims, paired by seed", 1)[1]
+    claims = [r.name for r in grid.rows if r.expect]
+    lines = [l for l in table.splitlines() if l.startswith("| ") and not l.startswith("| row ")]
+    assert [l.split(" | ")[0][2:] for l in lines] == claims
+    assert all(" | 3 | " in l for l in lines)  # every claim row paired over its 3 seeds
 
 
 # ----------------------------------------------------------------------------- issue 20.9: the study runner's faults
