@@ -10,7 +10,8 @@ trains (``set``: ``key=value`` overrides of the preset, after the grid's; run as
 the paper's number (``paper``) and direction (``expect``), against which each row gets a verdict.
 
 Every (row, seed) runs in its own subprocess, one at a time, in ``OUT/runs/<row>/seed<k>/`` and in
-row-major order (all seeds of a row before the next row). After each run ``OUT/study.json``,
+seed-major order (seed 0 of every row, then seed 1, ...), so that a study stopped part-way holds
+the same seeds for every row and each claim can still be compared seed by seed. After each run ``OUT/study.json``,
 ``OUT/study.md`` and ``OUT/study.png`` are rewritten. The study is resumable: a finished run is never
 redone, a run cut short resumes from its own checkpoint, and a grid whose runs would now be configured
 differently from the recorded ones is refused, naming the difference. SIGTERM / SIGINT stop after the
@@ -164,8 +165,9 @@ def run_key(row: Row, seed: int) -> str:
 
 
 def plan(grid: Grid, seeds: int) -> list[tuple[Row, int]]:
-    """Row-major: every seed of a row before the next row, rows in the grid's order."""
-    return [(row, s) for row in grid.rows for s in range(seeds)]
+    """Seed-major: one seed of every row (in the grid's order) before the next seed, so a partial
+    study is paired (every row has the same seeds)."""
+    return [(row, s) for s in range(seeds) for row in grid.rows]
 
 
 # ----------------------------------------------------------------------------- state
