@@ -438,6 +438,13 @@ def run(cases: tuple[Case, ...] = CASES, predictors: tuple[str, ...] = PREDICTOR
 
 
 # ------------------------------------------------------------------ report
+def format_plan(r: dict) -> str:
+    if "error" in r:
+        return f"{r['benchmark']}: FAILED {r['error']}"
+    return (f"{r['benchmark']} ({r['preset']}: {r['arch']}, batch {r['batch']}, {r['image_size']}x{r['image_size']}, "
+            f"amp {r['amp']}, channels_last {r['channels_last']}, {r['data']}; augmentation: {r['augment']})")
+
+
 def format_row(r: dict) -> str:
     if "error" in r:
         return f"{r['benchmark']}: FAILED {r['error']}"
@@ -452,7 +459,10 @@ def markdown(section: dict, dry_run: bool = False) -> list[str]:
     """The report's section: the planned benchmarks in a dry run, else the measured table."""
     lines = ["", "## Training step per predictor", ""]
     if dry_run:
-        lines += ["Planned (not run in a dry run):", "",
+        s = section.get("schedule", {})
+        lines += [f"Planned (not run in a dry run), each: {s.get('warmup')} warm-up steps, {s.get('rounds')} "
+                  f"interleaved rounds of {s.get('steps')} timed steps, {s.get('probe_steps')} instrumented steps.",
+                  "",
                   "| benchmark | preset | arch | batch | image | amp | channels_last | data / augmentation |",
                   "|---|---|---|---:|---:|---|---|---|"]
         for r in section.get("planned", []):
