@@ -50,10 +50,17 @@ from train.config import Config, load_config, set_key
 from train.pretrain import Learner, train_step
 from train.step_timing import build
 
+# MERGE(a19): train.batch_augment arrives with branch a19; once merged, import it plainly and
+# delete this fallback, flip_crop_stand_in and its test.
+try:
+    from train.batch_augment import BatchAugment
+except ImportError:
+    BatchAugment = None
+
 PREDICTORS = ("directpred", "linear", "none")
 
-# (uint8 images (B, C, H, W) on the device, their dataset indices (B,), the epoch) -> the two
-# float views (B, C, S, S), normalised as the preset asks, on the same device.
+# (uint8 images (B, C, H, W) on the device, their dataset indices (B,) int64 on the host, the
+# epoch) -> the two float views (B, C, S, S), normalised as the preset asks, on the device.
 Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -165,9 +172,9 @@ class PredictorClock:
 
 # ------------------------------------------------------------------ data
 def flip_crop_stand_in(cfg: Config, device: torch.device) -> Augment:
-    """STAND-IN for the batched augmentation (until train's batched module is wired in): per
-    sample a random 4-px-padded crop and a horizontal flip, in batched tensor ops, then the
-    preset's normalisation. Cheaper than the preset's views (no resized crop, no colour jitter,
+    """STAND-IN for the batched augmentation, used only while ``train.batch_augment`` is absent:
+    per sample a random 4-px zero-padded crop and a horizontal flip, in batched tensor ops, then
+    the preset's normalisation. Cheaper than the preset's views (no resized crop, colour jitter,
     grayscale, blur or solarize), so the end-to-end figure it gives is optimistic."""
     spec = data.spec(cfg.data)
     mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
@@ -194,36 +201,54 @@ def flip_crop_stand_in(cfg: Config, device: torch.device) -> Augment:
     return augment
 
 
-AUGMENT_LABEL = "STAND-IN flip + padded crop (the batched augmentation is not wired in yet)"
-make_augment: Callable[[Config, torch.device], Augment] = flip_crop_stand_in
+def batched_augment(cfg: Config, device: torch.device) -> Augment:
+    """The trainer's batched two-view augmentation (``train.batch_augment.BatchAugment``) for the
+    preset's ``aug`` section, its parameters drawn per sample from (seed, epoch, index)."""
+    spec = data.spec(cfg.data)
+    views = BatchAugment(cfg.aug, cfg.data.image_size, spec.mean, spec.std, seed=cfg.seed)
+
+    def augment(images: torch.Tensor, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return views(images, torch.full_like(index, epoch), index)
+
+    return augment
+
+
+def make_augment(cfg: Config, device: torch.device) -> Augment:
+    return flip_crop_stand_in(cfg, device) if BatchAugment is None else batched_augment(cfg, device)
+
+
+AUGMENT_LABEL = ("STAND-IN flip + padded crop (train.batch_augment not present)" if BatchAugment is None
+                 else "train.batch_augment.BatchAugment (the preset's views)")
 
 
 @dataclass
 class InMemoryData:
-    """A uint8 dataset on the device, drawn without replacement in a fresh random order each epoch."""
+    """A uint8 dataset held on the device. Each epoch a fresh random order is drawn on the host,
+    as the trainer's sampler does, and a batch's images are gathered on the device."""
 
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64
+    images: torch.Tensor  # (N, C, H, W) uint8, on the device
+    labels: torch.Tensor  # (N,) int64, on the device
     batch: int
-    generator: torch.Generator
+    generator: torch.Generator  # on the host
     epoch: int = 0
     order: torch.Tensor | None = None
     pos: int = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, labels, indices) of the next batch."""
+        """(images, labels) on the device and the dataset indices (on the host) of the next batch."""
         if self.order is None or self.pos + self.batch > len(self.order):
             if self.order is not None:
                 self.epoch += 1
-            self.order = torch.randperm(len(self.images), device=self.images.device, generator=self.generator)
+            self.order = torch.randperm(len(self.images), generator=self.generator)
             self.pos = 0
         index = self.order[self.pos:self.pos + self.batch]
         self.pos += self.batch
-        return self.images[index], self.labels[index], index
+        on_device = index.to(self.images.device, non_blocking=True)
+        return self.images[on_device], self.labels[on_device], index
 
 
 def synthetic_uint8(case: Case, cfg: Config, device: torch.device) -> InMemoryData:
-    """Random CIFAR-shaped (preset-sized) uint8 images and labels, made on the device."""
+    """Random preset-shaped uint8 images and labels (CIFAR-shaped for cifar10_r18), made on the device."""
     if case.dataset_size < case.batch:
         raise ValueError(f"dataset_size={case.dataset_size} is smaller than batch={case.batch}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -231,7 +256,7 @@ def synthetic_uint8(case: Case, cfg: Config, device: torch.device) -> InMemoryDa
     images = torch.randint(0, 256, (case.dataset_size, channels, side, side), dtype=torch.uint8, device=device,
                            generator=g)
     labels = torch.randint(0, case.classes, (case.dataset_size,), device=device, generator=g)
-    return InMemoryData(images, labels, case.batch, g)
+    return InMemoryData(images, labels, case.batch, torch.Generator().manual_seed(cfg.seed))
 
 
 # ------------------------------------------------------------------ one case
@@ -291,6 +316,7 @@ def make_feed(case: Case, cfg: Config, device: torch.device, augment_spans: Span
     if case.data != "in_memory":
         raise ValueError(f"case.data={case.data!r}: expected synthetic or in_memory")
     store = synthetic_uint8(case, cfg, device)
+    label = AUGMENT_LABEL if augment is None else getattr(augment, "__name__", "a given callable")
     augment = augment or make_augment(cfg, device)
 
     def feed() -> tuple:
@@ -304,7 +330,7 @@ def make_feed(case: Case, cfg: Config, device: torch.device, augment_spans: Span
             augment_spans.end()
         return v1, v2, labels
 
-    return feed, f"in-memory uint8 ({case.dataset_size} images) + batched augmentation: {AUGMENT_LABEL}"
+    return feed, f"in-memory uint8 ({case.dataset_size} images) + batched augmentation: {label}"
 
 
 def _error(what: str, err: BaseException) -> str:

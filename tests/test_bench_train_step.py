@@ -136,3 +136,17 @@ def test_stand_in_views_are_padded_crops_flipped_or_not():
         assert match, "a view is not a window of the zero-padded image"
         flips += match[0]
     assert 0 < flips < 16  # flip probability 0.5 over 16 samples
+
+
+def test_batched_augmentation_gets_each_samples_epoch_and_index():
+    pytest.importorskip("train.batch_augment")
+    cfg = load_config("cifar10_r18", [])
+    augment = ts.batched_augment(cfg, torch.device("cpu"))
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    index = torch.tensor([10, 11, 12, 13, 14, 15])
+    v1, v2 = augment(images, index, 2)
+    # sample 12 in another batch, at another position: the same views (drawn from its index, not its slot)
+    w1, w2 = augment(images[[2, 0]], torch.tensor([12, 10]), 2)
+    assert torch.equal(w1[0], v1[2]) and torch.equal(w2[0], v2[2])
+    e1, _ = augment(images, index, 3)  # another epoch: other views
+    assert not torch.equal(e1, v1)
