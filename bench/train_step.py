@@ -79,12 +79,13 @@ class Case:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Steps per predictor: ``warmup`` untimed, ``rounds`` x ``steps`` timed, ``probe_steps`` instrumented."""
+    """Steps per predictor: ``warmup`` untimed, ``rounds`` x ``steps`` timed, then
+    ``instrumented_steps`` with the predictor's and the augmentation's own spans recorded."""
 
     warmup: int = 5
     steps: int = 10
     rounds: int = 5
-    probe_steps: int = 5
+    instrumented_steps: int = 5
 
 
 CASES = (
@@ -92,12 +93,12 @@ CASES = (
     Case("cifar10_r18", "cifar10_r18", 128, "in_memory", classes=10, dataset_size=50_000),
 )
 FULL = Schedule()
-QUICK = Schedule(warmup=3, steps=5, rounds=3, probe_steps=3)
+QUICK = Schedule(warmup=3, steps=5, rounds=3, instrumented_steps=3)
 # CPU smoke sizes: the same presets and code path, tiny networks and batches.
 TOY_OVERRIDES = ("model.arch=resnet_mini", "model.proj_hidden=32", "model.proj_dim=16", "data.image_size=16",
                  "predictor.mlp_hidden=32")
 TOY_CASES = tuple(replace(c, name=f"{c.name}_toy", batch=8, dataset_size=64, overrides=TOY_OVERRIDES) for c in CASES)
-TOY = Schedule(warmup=1, steps=2, rounds=2, probe_steps=1)
+TOY = Schedule(warmup=1, steps=2, rounds=2, instrumented_steps=1)
 
 
 # ------------------------------------------------------------------ clocks
@@ -106,8 +107,9 @@ class Spans:
     a GPU (read after one synchronize, in :meth:`total_ms`), the host clock on a CPU (whose ops
     run synchronously)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, recording: bool = True) -> None:
         self.cuda = device.type == "cuda"
+        self.recording = recording  # begin() and end() do nothing while False
         self.spans: list[tuple] = []
         self._open = None
 
@@ -119,10 +121,12 @@ class Spans:
         return time.perf_counter()
 
     def begin(self) -> None:
-        self._open = self._mark()
+        if self.recording:
+            self._open = self._mark()
 
     def end(self) -> None:
-        self.spans.append((self._open, self._mark()))
+        if self.recording:
+            self.spans.append((self._open, self._mark()))
 
     def total_ms(self) -> float:
         if self.cuda:
@@ -262,11 +266,16 @@ def synthetic_uint8(case: Case, cfg: Config, device: torch.device) -> InMemoryDa
 # ------------------------------------------------------------------ one case
 @dataclass
 class Variant:
-    """One predictor's learner and the callable that takes one training step."""
+    """One predictor's learner, stepped by the trainer's ``train_step`` on ``feed()``'s views."""
 
     learner: Learner
-    step: Callable[[], torch.Tensor]
+    feed: Callable[[], tuple]  # () -> (v1, v2, labels)
+    tau: float  # target EMA coefficient
     last_loss: torch.Tensor | None = None
+
+    def step(self) -> None:
+        v1, v2, labels = self.feed()
+        self.last_loss, _, _ = train_step(self.learner, v1, v2, labels, self.tau)
 
 
 def case_config(case: Case, predictor: str = "directpred") -> Config:
@@ -287,16 +296,7 @@ def make_variant(case: Case, predictor: str, device: torch.device, feed: Callabl
     learner = Learner(bare=model, model=model, optimizer=opt, scheduler=sched, scaler=scaler, dtype=dtype,
                       probe=probe, probe_opt=probe_opt)
     model.train()
-    variant = Variant(learner, lambda: None)
-
-    def step() -> torch.Tensor:
-        v1, v2, labels = feed()
-        loss, _, _ = train_step(learner, v1, v2, labels, cfg.model.ema_tau)
-        variant.last_loss = loss
-        return loss
-
-    variant.step = step
-    return variant
+    return Variant(learner, feed, cfg.model.ema_tau)
 
 
 def make_feed(case: Case, cfg: Config, device: torch.device, augment_spans: Spans | None = None,
@@ -367,7 +367,7 @@ def run_case(case: Case, predictors: tuple[str, ...], schedule: Schedule, device
     if not live or not allows(f"train step {case.name}"):
         return list(rows.values())
     variants: dict[str, Variant] = {}
-    aug_spans = Spans(device)
+    aug_spans = Spans(device, recording=False)  # on during the instrumented steps only
     try:
         feed, source = make_feed(case, case_config(case), device, aug_spans, augment)
     except Exception as err:  # noqa: BLE001
@@ -403,28 +403,31 @@ def run_case(case: Case, predictors: tuple[str, ...], schedule: Schedule, device
             guarded(p, f"round {r + 1}", lambda p=p: times[p].append(time_steps(device, variants[p].step,
                                                                                  schedule.steps)))
     for p in list(variants):
-        def probe(p: str = p) -> None:
+        def instrumented(p: str = p) -> None:
             pred_spans = Spans(device)
             aug_spans.spans.clear()
+            aug_spans.recording = True
             clock = PredictorClock(variants[p].learner.bare.predictor, pred_spans)
             try:
-                step_ms = time_steps(device, variants[p].step, schedule.probe_steps)
+                step_ms = time_steps(device, variants[p].step, schedule.instrumented_steps)
             finally:
                 clock.remove()
-            n = schedule.probe_steps
+                aug_spans.recording = False
+            n = schedule.instrumented_steps
             pred_ms = pred_spans.total_ms() / n
-            rows[p].update(probe_step_ms=step_ms, predictor_ms=pred_ms, predictor_share=pred_ms / step_ms)
+            rows[p].update(instrumented_step_ms=step_ms, predictor_ms=pred_ms, predictor_share=pred_ms / step_ms)
             if aug_spans.spans:
                 rows[p]["augment_ms"] = aug_spans.total_ms() / n
             rows[p]["last_loss"] = float(variants[p].last_loss)
 
-        guarded(p, "instrumented steps", probe)
+        guarded(p, "instrumented steps", instrumented)
     none_ms = statistics.median(times["none"]) if times.get("none") and "error" not in rows.get("none", {}) else None
     for p, t in times.items():
         if not t or "error" in rows[p]:
             continue
         ms = statistics.median(t)
-        rows[p].update(ms_per_step=ms, rounds_ms=t, images_per_s=case.batch / ms * 1e3, timed_steps=len(t) * schedule.steps)
+        rows[p].update(ms_per_step=ms, rounds_ms=t, images_per_s=case.batch / ms * 1e3,
+                       timed_steps=len(t) * schedule.steps)
         if none_ms is not None:
             rows[p].update(vs_none_ms=ms - none_ms, share_by_difference=(ms - none_ms) / ms)
     variants.clear()
@@ -477,8 +480,9 @@ def format_row(r: dict) -> str:
     if "ms_per_step" not in r:
         return f"{r['benchmark']}: not measured"
     extra = f", {r['share_by_difference'] * 100:+.1f}% vs none" if "share_by_difference" in r else ""
-    return (f"{r['benchmark']}: {r['ms_per_step']:.2f} ms/step, {r['images_per_s']:.0f} images/s{extra}, "
-            f"predictor {r.get('predictor_ms', float('nan')):.3f} ms ({r.get('predictor_share', float('nan')) * 100:.1f}%)")
+    if "predictor_ms" in r:
+        extra += f", predictor {r['predictor_ms']:.3f} ms ({r['predictor_share'] * 100:.1f}%)"
+    return f"{r['benchmark']}: {r['ms_per_step']:.2f} ms/step, {r['images_per_s']:.0f} images/s{extra}"
 
 
 def markdown(section: dict, dry_run: bool = False) -> list[str]:
@@ -487,7 +491,8 @@ def markdown(section: dict, dry_run: bool = False) -> list[str]:
     if dry_run:
         s = section.get("schedule", {})
         lines += [f"Planned (not run in a dry run), each: {s.get('warmup')} warm-up steps, {s.get('rounds')} "
-                  f"interleaved rounds of {s.get('steps')} timed steps, {s.get('probe_steps')} instrumented steps.",
+                  f"interleaved rounds of {s.get('steps')} timed steps, {s.get('instrumented_steps')} "
+                  "instrumented steps.",
                   "",
                   "| benchmark | preset | arch | batch | image | amp | channels_last | data / augmentation |",
                   "|---|---|---|---:|---:|---|---|---|"]
@@ -503,9 +508,9 @@ def markdown(section: dict, dry_run: bool = False) -> list[str]:
         return lines
     s = section.get("schedule", {})
     lines += [f"Device {section.get('device', '?')}. Per predictor: {s.get('warmup')} warm-up steps, then "
-              f"{s.get('rounds')} interleaved rounds of {s.get('steps')} steps (median of rounds; CUDA events on a GPU, "
-              f"the host clock on a CPU), "
-              f"then {s.get('probe_steps')} instrumented steps for the predictor's and the augmentation's own time.",
+              f"{s.get('rounds')} interleaved rounds of {s.get('steps')} steps (median of rounds; CUDA events on "
+              f"a GPU, the host clock on a CPU), then {s.get('instrumented_steps')} instrumented steps for the "
+              "predictor's and the augmentation's own time.",
               "",
               "| case | predictor | ms/step | images/s | vs none (share of step) | predictor ms (share) | augment ms |"
               " loss |",

@@ -53,11 +53,11 @@ def _count_steps(monkeypatch) -> dict:
 def test_step_benchmark_runs_the_trainers_step_on_cpu_at_toy_size(monkeypatch):
     torch.manual_seed(0)
     calls = _count_steps(monkeypatch)
-    schedule = ts.Schedule(warmup=1, steps=2, rounds=2, probe_steps=1)
+    schedule = ts.Schedule(warmup=1, steps=2, rounds=2, instrumented_steps=1)
     result = ts.run(ts.TOY_CASES, schedule=schedule, device="cpu")
     rows = {(r["case"], r["predictor"]): r for r in result["rows"]}
     assert set(rows) == {(c.name, p) for c in ts.TOY_CASES for p in ts.PREDICTORS}
-    per_predictor = schedule.warmup + schedule.rounds * schedule.steps + schedule.probe_steps
+    per_predictor = schedule.warmup + schedule.rounds * schedule.steps + schedule.instrumented_steps
     assert calls == {"DirectPredictor": 2 * per_predictor, "LinearPredictor": 2 * per_predictor,
                      "Identity": 2 * per_predictor}  # two cases each
     for (case, pred), r in rows.items():
@@ -85,7 +85,7 @@ def test_an_out_of_memory_error_is_recorded_and_the_rest_still_run(monkeypatch):
     monkeypatch.setattr(ts, "train_step", failing)
     broken = ts.Case("broken", "no_such_preset", 8, "synthetic", classes=10)
     cases = (broken, ts.TOY_CASES[1])
-    result = ts.run(cases, schedule=ts.Schedule(warmup=1, steps=1, rounds=2, probe_steps=1), device="cpu")
+    result = ts.run(cases, schedule=ts.Schedule(warmup=1, steps=1, rounds=2, instrumented_steps=1), device="cpu")
     rows = {(r["case"], r["predictor"]): r for r in result["rows"]}
     assert all("no_such_preset" in rows[("broken", p)]["error"] for p in ts.PREDICTORS)
     assert "OutOfMemoryError" in rows[("cifar10_r18_toy", "linear")]["error"]
