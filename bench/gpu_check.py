@@ -539,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             result["tests"] = run_gpu_tests(out, BUDGET, args.test_timeout, collect_only=True)
             failed |= result["tests"]["returncode"] != 0
             result["train_step"] = bench_train_step(args.quick, plan_only=True)
-            failed |= bool(result["train_step"].get("error")) or any("error" in r for r in result["train_step"]["planned"])
+            section = result["train_step"]
+            failed |= bool(section.get("error")) or any("error" in r for r in section["planned"])
             return 1 if failed else 0
         if result["environment"].get("csrc_kernel_image", "ok") != "ok":
             cap = result["environment"]["capability"]
