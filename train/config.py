@@ -57,6 +57,9 @@ class AugConfig:
     blur_kernel: float = 0.1  # Gaussian kernel side as a fraction of image_size (sigma 0.1-2)
     solarize_p: tuple[float, float] = (0.0, 0.0)
     normalize: bool = True  # subtract the dataset mean, divide by its std
+    # in-memory data (digits, fashion_mnist, cifar10, stl10): both views of a whole batch made on the
+    # training device (train.batch_augment); false, and always for imagefolder: per sample in the loader
+    batched: bool = True
 
 
 @dataclass

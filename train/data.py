@@ -143,6 +143,18 @@ class STL10Folder(Dataset):
         img = np.ascontiguousarray(self.arrays[k][i - self.offsets[k]].transpose(0, 2, 1))  # stored column-major
         return tv_tensors.Image(torch.from_numpy(img)), self.targets[i]
 
+    def images_at(self, indices: torch.Tensor) -> torch.Tensor:
+        idx = indices.numpy()
+        out = np.empty((len(idx), 3, 96, 96), dtype=np.uint8)
+        part = np.searchsorted(self.offsets, idx, side="right") - 1
+        for k, arr in enumerate(self.arrays):
+            sel = np.flatnonzero(part == k)
+            if len(sel):  # a memory-mapped read of these images only, in sorted order
+                order = np.argsort(idx[sel])
+                rows = arr[idx[sel][order] - self.offsets[k]]
+                out[sel[order]] = rows.transpose(0, 1, 3, 2)  # stored column-major
+        return torch.from_numpy(out)
+
 
 class UnlabeledFolder(Dataset):
     """Every image file under ``folder``, at any depth, in sorted order, each with label -1."""
@@ -375,6 +387,45 @@ class Views(Dataset):
                 torch.manual_seed(sample_seed(self.seed, epoch, index))
                 views = [t(img) for t in self.transforms]
         return (*views, label, skipped)
+
+
+def in_memory(ds: Dataset) -> bool:
+    """Whether ``ds`` hands out batches of uint8 images by index (:func:`images_at`): an ``images``
+    tensor (N, C, H, W) (digits, Fashion-MNIST, CIFAR-10) or an ``images_at`` method (STL-10)."""
+    images = getattr(ds, "images", None)
+    return hasattr(ds, "images_at") or (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                                        and images.ndim == 4)
+
+
+def images_at(ds: Dataset, indices: torch.Tensor) -> torch.Tensor:
+    """The uint8 images (B, C, H, W) of an :func:`in_memory` dataset at ``indices`` (B,) int64."""
+    return ds.images_at(indices) if hasattr(ds, "images_at") else ds.images[indices]
+
+
+class BatchedViews:
+    """The pre-training batches of an in-memory dataset, both views made on ``device`` for the whole
+    batch by ``augment`` (:class:`train.batch_augment.BatchAugment`).
+
+    Iterates ``sampler`` (a :class:`ResumableSampler`: its keys carry the epoch, and it skips what
+    an interrupted run consumed) in batches of ``batch_size``, dropping the last partial one, as the
+    per-sample loader does, and yields ``(view_1, view_2, labels, skipped)`` on ``device``.
+    """
+
+    def __init__(self, ds: Dataset, sampler: "ResumableSampler", batch_size: int, augment: Callable,
+                 device: torch.device):
+        self.ds, self.sampler, self.batch_size, self.augment, self.device = ds, sampler, batch_size, augment, device
+        self.targets = torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        keys = iter(self.sampler)
+        while len(batch := list(islice(keys, self.batch_size))) == self.batch_size:
+            epochs, indices = torch.tensor(batch, dtype=torch.int64).unbind(1)
+            images = images_at(self.ds, indices).to(self.device, non_blocking=True)
+            v1, v2 = self.augment(images, epochs, indices)
+            yield v1, v2, self.targets[indices].to(self.device), torch.zeros(len(batch), dtype=torch.int64)
 
 
 class ResumableSampler(DistributedSampler):

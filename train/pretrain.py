@@ -35,6 +35,7 @@ import fastpred.functional
 
 from . import checkpoint, data, monitor
 from .augment import eval_transform, two_view_transforms
+from .batch_augment import BatchAugment
 from .config import (Config, ConfigError, diff, from_dict, key_summary, load_config, presets, save_yaml, to_dict,
                      to_yaml, validate)
 from .model import BYOL, build_model, predictor_matrix
@@ -310,7 +311,11 @@ def load_data(cfg: Config, info: DistInfo):
     if sampler.batches_per_epoch() == 0:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {len(pre)} pre-training images")
     pin = info.device.type == "cuda"
-    train_loader = data.loader(views, local_batch, cfg.data.workers, sampler, drop_last=True, pin_memory=pin)
+    if cfg.aug.batched and data.in_memory(pre):
+        augment = BatchAugment(cfg.aug, size, spec.mean, spec.std, cfg.seed)
+        train_loader = data.BatchedViews(pre, sampler, local_batch, augment, info.device)
+    else:
+        train_loader = data.loader(views, local_batch, cfg.data.workers, sampler, drop_last=True, pin_memory=pin)
     ev = eval_transform(size, round(size * spec.resize_ratio), spec.mean, spec.std, cfg.aug.normalize)
     eval_loaders = []
     for ds in (bank, test):
