@@ -13,9 +13,11 @@ and rebuild run inside its training-mode call, or in ``step()`` after the optimi
   bf16 autocast, channels_last) at a per-GPU batch of 128, on synthetic normalised 224x224
   views made once on the device: the model step alone, no data pipeline.
 * ``cifar10_r18``: the ``cifar10_r18`` preset (ResNet-18 with the CIFAR stem, batch 128) on an
-  in-memory uint8 dataset of CIFAR-shaped random images held on the device; every step draws
-  its indices, gathers the images and makes both views there with the batched augmentation
-  (an ``Augment`` callable), then takes the step: images/s end to end, without a loader.
+  in-memory uint8 dataset of 50 000 CIFAR-shaped random images in host memory; every step takes
+  the trainer's next batch from :class:`train.data.BatchedViews` (the sampler's order, the
+  images copied to the GPU, both views made there by the batched augmentation, an ``Augment``
+  callable, by default :class:`train.batch_augment.BatchAugment` with the preset's views), then
+  the step: images/s end to end.
 
 Timing: per case, the three predictors are built side by side (same seed, same data), warmed
 up, then timed in interleaved rounds (the order rotates each round) of a fixed number of steps;
@@ -23,8 +25,9 @@ a round is CUDA events around its steps (after a ``torch.cuda.synchronize``), an
 the median over rounds. A last, instrumented pass of a few steps records CUDA events around the
 predictor's own work (its forward calls, which for DirectPred hold the statistics and the
 rebuild, and its ``step()`` when attached; not its backward, two d x d products, which the
-difference against ``none`` covers) and around the augmentation. The predictor's share of a
-step is given both ways: (step - step with ``none``) / step, and predictor ms / step ms.
+difference against ``none`` covers) and around the making of each batch (data ms). The
+predictor's share of a step is given both ways: (step - step with ``none``) / step, and
+predictor ms / step ms.
 
 Each case and each predictor is guarded: an error (an out-of-memory error, say) is recorded in
 its row and the others still run. On a CPU the same code runs with the host clock (``--toy``:
@@ -34,6 +37,7 @@ small networks and batches, to exercise the code path).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -43,25 +47,22 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 import fastpred
 from train import data
 from train.config import Config, load_config, set_key
+from train.batch_augment import BatchAugment
 from train.pretrain import Learner, train_step
 from train.step_timing import build
 
-# MERGE(a19): train.batch_augment arrives with branch a19; once merged, import it plainly and
-# delete this fallback, flip_crop_stand_in and its test.
-try:
-    from train.batch_augment import BatchAugment
-except ImportError:
-    BatchAugment = None
 
 PREDICTORS = ("directpred", "linear", "none")
 
-# (uint8 images (B, C, H, W) on the device, their dataset indices (B,) int64 on the host, the
-# epoch) -> the two float views (B, C, S, S), normalised as the preset asks, on the device.
-Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# What train.data.BatchedViews calls: (uint8 images (B, C, H, W) on the device, their epochs and
+# dataset indices, (B,) int64 on the host) -> the two float views (B, C, S, S) on the device.
+Augment = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+AUGMENT_LABEL = "train.batch_augment.BatchAugment, the preset's views"
 
 
 @dataclass(frozen=True)
@@ -175,92 +176,37 @@ class PredictorClock:
 
 
 # ------------------------------------------------------------------ data
-def flip_crop_stand_in(cfg: Config, device: torch.device) -> Augment:
-    """STAND-IN for the batched augmentation, used only while ``train.batch_augment`` is absent:
-    per sample a random 4-px zero-padded crop and a horizontal flip, in batched tensor ops, then
-    the preset's normalisation. Cheaper than the preset's views (no resized crop, colour jitter,
-    grayscale, blur or solarize), so the end-to-end figure it gives is optimistic."""
-    spec = data.spec(cfg.data)
-    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    pad = 4
+class SyntheticImages(Dataset):
+    """An in-memory uint8 dataset shaped like the preset's (CIFAR-10's for cifar10_r18): random
+    images (N, C, H, W) and labels in host memory, as :mod:`train.data` holds CIFAR-10."""
 
-    def view(images: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = images.shape
-        padded = nn.functional.pad(images, (pad,) * 4)  # zeros, as torchvision's RandomCrop(padding=4)
-        dy = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=device, generator=g)
-        dx = torch.randint(0, 2 * pad + 1, (b, 1, 1, 1), device=device, generator=g)
-        flip = torch.rand(b, 1, 1, 1, device=device, generator=g) < cfg.aug.flip
-        cols = torch.arange(w, device=device).view(1, 1, 1, w)
-        cols = torch.where(flip, w - 1 - cols, cols) + dx  # (b, 1, 1, w)
-        rows = torch.arange(h, device=device).view(1, 1, h, 1) + dy  # (b, 1, h, 1)
-        out = padded.gather(2, rows.expand(b, c, h, w + 2 * pad)).gather(3, cols.expand(b, c, h, w))
-        out = out.float().div_(255)
-        return (out - mean) / std if cfg.aug.normalize else out
+    def __init__(self, size: int, channels: int, side: int, classes: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (size, channels, side, side), dtype=torch.uint8, generator=g)
+        self.targets = torch.randint(0, classes, (size,), generator=g)
 
-    def augment(images: torch.Tensor, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return view(images), view(images)
+    def __len__(self) -> int:
+        return len(self.images)
 
-    return augment
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
 
 
-def batched_augment(cfg: Config, device: torch.device) -> Augment:
-    """The trainer's batched two-view augmentation (``train.batch_augment.BatchAugment``) for the
-    preset's ``aug`` section, its parameters drawn per sample from (seed, epoch, index)."""
-    spec = data.spec(cfg.data)
-    views = BatchAugment(cfg.aug, cfg.data.image_size, spec.mean, spec.std, seed=cfg.seed)
-
-    def augment(images: torch.Tensor, index: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return views(images, torch.full_like(index, epoch), index)
-
-    return augment
-
-
-def make_augment(cfg: Config, device: torch.device) -> Augment:
-    return flip_crop_stand_in(cfg, device) if BatchAugment is None else batched_augment(cfg, device)
-
-
-AUGMENT_LABEL = ("STAND-IN flip + padded crop (train.batch_augment not present)" if BatchAugment is None
-                 else "train.batch_augment.BatchAugment (the preset's views)")
-
-
-@dataclass
-class InMemoryData:
-    """A uint8 dataset held on the device. Each epoch a fresh random order is drawn on the host,
-    as the trainer's sampler does, and a batch's images are gathered on the device."""
-
-    images: torch.Tensor  # (N, C, H, W) uint8, on the device
-    labels: torch.Tensor  # (N,) int64, on the device
-    batch: int
-    generator: torch.Generator  # on the host
-    epoch: int = 0
-    order: torch.Tensor | None = None
-    pos: int = 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, labels) on the device and the dataset indices (on the host) of the next batch."""
-        if self.order is None or self.pos + self.batch > len(self.order):
-            if self.order is not None:
-                self.epoch += 1
-            self.order = torch.randperm(len(self.images), generator=self.generator)
-            self.pos = 0
-        index = self.order[self.pos:self.pos + self.batch]
-        self.pos += self.batch
-        on_device = index.to(self.images.device, non_blocking=True)
-        return self.images[on_device], self.labels[on_device], index
-
-
-def synthetic_uint8(case: Case, cfg: Config, device: torch.device) -> InMemoryData:
-    """Random preset-shaped uint8 images and labels (CIFAR-shaped for cifar10_r18), made on the device."""
+def in_memory_batches(case: Case, cfg: Config, device: torch.device, augment: Augment | None = None):
+    """The trainer's batches for an in-memory dataset, without end: :class:`train.data.BatchedViews`
+    over a :class:`train.data.ResumableSampler` (a new order each epoch), both views made on
+    ``device`` by ``augment`` (default: :class:`train.batch_augment.BatchAugment` for the preset's
+    ``aug`` section), as :func:`train.pretrain.load_data` sets them up."""
+    spec, side = data.spec(cfg.data), cfg.data.image_size
     if case.dataset_size < case.batch:
         raise ValueError(f"dataset_size={case.dataset_size} is smaller than batch={case.batch}")
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    side, channels = cfg.data.image_size, data.spec(cfg.data).channels
-    images = torch.randint(0, 256, (case.dataset_size, channels, side, side), dtype=torch.uint8, device=device,
-                           generator=g)
-    labels = torch.randint(0, case.classes, (case.dataset_size,), device=device, generator=g)
-    return InMemoryData(images, labels, case.batch, torch.Generator().manual_seed(cfg.seed))
+    ds = SyntheticImages(case.dataset_size, spec.channels, side, case.classes, cfg.seed)
+    sampler = data.ResumableSampler(ds, case.batch, 1, 0, cfg.seed)
+    augment = augment or BatchAugment(cfg.aug, side, spec.mean, spec.std, cfg.seed)
+    batches = data.BatchedViews(ds, sampler, case.batch, augment, device)
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from batches
 
 
 # ------------------------------------------------------------------ one case
@@ -315,22 +261,21 @@ def make_feed(case: Case, cfg: Config, device: torch.device, augment_spans: Span
         return (lambda: (*pairs[next(counter) % 2], labels)), f"synthetic normalised {side}x{side} views"
     if case.data != "in_memory":
         raise ValueError(f"case.data={case.data!r}: expected synthetic or in_memory")
-    store = synthetic_uint8(case, cfg, device)
     label = AUGMENT_LABEL if augment is None else getattr(augment, "__name__", "a given callable")
-    augment = augment or make_augment(cfg, device)
+    batches = in_memory_batches(case, cfg, device, augment)
 
     def feed() -> tuple:
-        images, labels, index = store.next()
         if augment_spans is not None:
             augment_spans.begin()
-        v1, v2 = augment(images, index, store.epoch)
-        if channels_last:  # as the trainer does after moving a batch to the device
+        v1, v2, labels, _ = next(batches)
+        if channels_last:  # as the trainer does with a batch on the device
             v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
         if augment_spans is not None:
             augment_spans.end()
         return v1, v2, labels
 
-    return feed, f"in-memory uint8 ({case.dataset_size} images) + batched augmentation: {label}"
+    return feed, (f"in-memory uint8 dataset of {case.dataset_size} images in host memory, batches by "
+                  f"train.data.BatchedViews, views made on the device by {label}")
 
 
 def _error(what: str, err: BaseException) -> str:
@@ -417,7 +362,7 @@ def run_case(case: Case, predictors: tuple[str, ...], schedule: Schedule, device
             pred_ms = pred_spans.total_ms() / n
             rows[p].update(instrumented_step_ms=step_ms, predictor_ms=pred_ms, predictor_share=pred_ms / step_ms)
             if aug_spans.spans:
-                rows[p]["augment_ms"] = aug_spans.total_ms() / n
+                rows[p]["data_ms"] = aug_spans.total_ms() / n
             rows[p]["last_loss"] = float(variants[p].last_loss)
 
         guarded(p, "instrumented steps", instrumented)
@@ -510,9 +455,9 @@ def markdown(section: dict, dry_run: bool = False) -> list[str]:
     lines += [f"Device {section.get('device', '?')}. Per predictor: {s.get('warmup')} warm-up steps, then "
               f"{s.get('rounds')} interleaved rounds of {s.get('steps')} steps (median of rounds; CUDA events on "
               f"a GPU, the host clock on a CPU), then {s.get('instrumented_steps')} instrumented steps for the "
-              "predictor's and the augmentation's own time.",
+              "predictor's own time and the batch's making (data ms: next batch, copy, both views).",
               "",
-              "| case | predictor | ms/step | images/s | vs none (share of step) | predictor ms (share) | augment ms |"
+              "| case | predictor | ms/step | images/s | vs none (share of step) | predictor ms (share) | data ms |"
               " loss |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in section.get("rows", []):
@@ -525,7 +470,7 @@ def markdown(section: dict, dry_run: bool = False) -> list[str]:
         diff = (f"{r['vs_none_ms']:+.2f} ms ({r['share_by_difference'] * 100:+.1f}%)"
                 if "vs_none_ms" in r else "")
         pred = f"{r['predictor_ms']:.3f} ({r['predictor_share'] * 100:.1f}%)" if "predictor_ms" in r else ""
-        aug = f"{r['augment_ms']:.2f}" if "augment_ms" in r else ""
+        aug = f"{r['data_ms']:.2f}" if "data_ms" in r else ""
         loss = f"{r['last_loss']:.3f}" if "last_loss" in r else ""
         lines.append(f"| {r['case']} | {r['predictor']} | {r['ms_per_step']:.2f} | {r['images_per_s']:.0f} | "
                      f"{diff} | {pred} | {aug} | {loss} |")

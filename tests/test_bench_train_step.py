@@ -65,7 +65,7 @@ def test_step_benchmark_runs_the_trainers_step_on_cpu_at_toy_size(monkeypatch):
         assert len(r["rounds_ms"]) == schedule.rounds and r["ms_per_step"] > 0
         assert r["images_per_s"] == pytest.approx(8 * 1e3 / r["ms_per_step"])  # toy batch 8
         assert 0 < r["predictor_share"] < 1 and math.isfinite(r["last_loss"])
-        assert ("augment_ms" in r) == case.startswith("cifar10")
+        assert ("data_ms" in r) == case.startswith("cifar10")
     for case in ("imagenet_r50_toy", "cifar10_r18_toy"):
         none, dp = rows[(case, "none")], rows[(case, "directpred")]
         assert none["vs_none_ms"] == 0 and dp["vs_none_ms"] == pytest.approx(dp["ms_per_step"] - none["ms_per_step"])
@@ -123,30 +123,30 @@ def test_host_clock_spans_add_up():
     assert spans.total_ms() >= 40
 
 
-def test_stand_in_views_are_padded_crops_flipped_or_not():
-    cfg = load_config("cifar10_r18", ["aug.normalize=false"])
-    augment = ts.flip_crop_stand_in(cfg, torch.device("cpu"))
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    v1, _ = augment(images, torch.arange(16), 0)
-    padded = torch.nn.functional.pad(images.float() / 255, (4, 4, 4, 4))
-    flips = 0
-    for img, view in zip(padded, v1):
-        windows = [(img[:, y:y + 32, x:x + 32], f) for y in range(9) for x in range(9) for f in (False, True)]
-        match = [f for w, f in windows if torch.equal(w.flip(-1) if f else w, view)]
-        assert match, "a view is not a window of the zero-padded image"
-        flips += match[0]
-    assert 0 < flips < 16  # flip probability 0.5 over 16 samples
+def test_cifar_batches_are_the_trainers_batched_views(monkeypatch):
+    """Each step's views come from BatchAugment with the preset's aug section, for the sampler's
+    (epoch, index) keys: the same views as BatchAugment applied to those images directly."""
+    seen = []
+    real = ts.BatchAugment.__call__
 
+    def recording(self, images, epochs, indices):
+        seen.append((self.cfg, images.clone(), epochs.clone(), indices.clone()))
+        return real(self, images, epochs, indices)
 
-def test_batched_augmentation_gets_each_samples_epoch_and_index():
-    pytest.importorskip("train.batch_augment")
-    cfg = load_config("cifar10_r18", [])
-    augment = ts.batched_augment(cfg, torch.device("cpu"))
-    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    index = torch.tensor([10, 11, 12, 13, 14, 15])
-    v1, v2 = augment(images, index, 2)
-    # sample 12 in another batch, at another position: the same views (drawn from its index, not its slot)
-    w1, w2 = augment(images[[2, 0]], torch.tensor([12, 10]), 2)
-    assert torch.equal(w1[0], v1[2]) and torch.equal(w2[0], v2[2])
-    e1, _ = augment(images, index, 3)  # another epoch: other views
-    assert not torch.equal(e1, v1)
+    monkeypatch.setattr(ts.BatchAugment, "__call__", recording)
+    case = ts.replace(ts.TOY_CASES[1], dataset_size=16, batch=8)  # 2 batches per epoch
+    cfg = ts.case_config(case)
+    feed, source = ts.make_feed(case, cfg, torch.device("cpu"))
+    assert "BatchAugment" in source and "BatchedViews" in source
+    steps = [feed() for _ in range(3)]  # the third batch opens epoch 1
+    assert [int(e[0]) for _, _, e, _ in seen] == [0, 0, 1]
+    first_epoch = torch.cat([i for _, _, _, i in seen[:2]])
+    assert sorted(first_epoch.tolist()) == list(range(16))  # an epoch is a permutation of the dataset
+    aug_cfg, images, epochs, indices = seen[2]
+    assert aug_cfg == cfg.aug
+    dataset = ts.SyntheticImages(16, 3, 16, case.classes, cfg.seed)
+    assert torch.equal(images, dataset.images[indices])
+    fresh = ts.BatchAugment(cfg.aug, 16, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), seed=0)
+    v1, v2 = fresh(dataset.images[indices], epochs, indices)
+    assert torch.equal(steps[2][0], v1) and torch.equal(steps[2][1], v2)
+    assert torch.equal(steps[2][2], dataset.targets[indices])
