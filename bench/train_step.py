@@ -477,7 +477,7 @@ def markdown(section: dict, dry_run: bool = False) -> list[str]:
     sources = sorted({f"{r['case']}: {r['source']}" for r in section.get("rows", []) if "source" in r})
     lines += [""] + [f"- {s}" for s in sources]
     lines += ["- images/s: images per second (each image gives two views); ms/step: the trainer's `train_step` "
-              "on those images (cifar10_r18: including the gather and the augmentation).",
+              "on those images (in-memory cases: including the making of the batch).",
               "- vs none: step time minus the `none` predictor's; predictor ms: the time of the predictor's "
               "forward calls (DirectPred: statistics and rebuild included) and of its `step()`, without its backward."]
     return lines
