@@ -40,7 +40,8 @@ the training-step benchmarks a run would take, and the report, which says that n
 was measured.
 
 Exit status: 0 when everything ran and passed; 1 when the build, a GPU test (or, in
-a dry run, their collection) failed; 2 without a GPU (and no ``--dry-run``).
+a dry run, their collection or the training-step plan) failed; 2 without a GPU (and no
+``--dry-run``). A benchmark that fails is recorded in the report, not in the status.
 """
 from __future__ import annotations
 
