@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from .augment import _blur_kernel
 from .config import AugConfig
@@ -232,11 +233,8 @@ def blur_weights(sigma: torch.Tensor, kernel: int, size: int) -> torch.Tensor:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """Luma (ITU-R 601-2, torchvision's weights), (n, 1, H, W); a 1-channel image is its own."""
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    """Luma (ITU-R 601-2, torchvision's), (n, 1, H, W); a 1-channel image is its own."""
+    return x if x.shape[1] == 1 else TF.rgb_to_grayscale(x, num_output_channels=1)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -309,7 +307,7 @@ class BatchAugment:
 
     def __init__(self, cfg: AugConfig, size: int, mean: Sequence[float], std: Sequence[float], seed: int):
         self.cfg, self.size, self.seed = cfg, size, seed
-        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.mean, self.std = list(mean), list(std)
         self.kernel = _blur_kernel(size, cfg.blur_kernel)
         self.ranges = jitter_ranges(cfg.jitter)
 
@@ -322,16 +320,16 @@ class BatchAugment:
         x = color_jitter(x, p, self.ranges)
         dev = x.device
         if x.shape[1] == 3 and bool(p.gray.any()):  # RandomGrayscale keeps the 3 channels
-            x = torch.where(p.gray.to(dev)[:, None, None, None], _gray(x).expand_as(x), x)
+            x = torch.where(p.gray.to(dev)[:, None, None, None], TF.rgb_to_grayscale(x, num_output_channels=3), x)
         if bool(p.blur.any()):
             idx = torch.nonzero(p.blur).squeeze(1)
             k = blur_weights(p.sigma[idx].to(dev), self.kernel, self.size)[:, None]  # (n, 1, S, S)
             dev_idx = idx.to(dev)
             x[dev_idx] = k @ x[dev_idx] @ k.transpose(-1, -2)
         if bool(p.solarize.any()):
-            x = torch.where(p.solarize.to(dev)[:, None, None, None] & (x >= SOLARIZE_THRESHOLD), 1 - x, x)
+            x = torch.where(p.solarize.to(dev)[:, None, None, None], TF.solarize(x, SOLARIZE_THRESHOLD), x)
         if self.cfg.normalize:
-            x = (x - self.mean.to(dev)) / self.std.to(dev)
+            x = TF.normalize(x, self.mean, self.std)
         return x
 
     @torch.no_grad()

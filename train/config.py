@@ -353,6 +353,21 @@ def from_dict(d: dict, cfg: Config | None = None) -> Config:
     return cfg
 
 
+# keys added after configurations were first saved, with the value a configuration saved before them ran with
+ADDED_KEYS: dict[str, Any] = {"aug.batched": False}
+
+
+def from_saved(d: dict) -> Config:
+    """A saved configuration (a checkpoint's, a study's record) as the run it describes: a key it
+    predates takes the value that run had (``ADDED_KEYS``), not today's default."""
+    cfg = from_dict(d)
+    given = _flatten(d or {})
+    for key, value in ADDED_KEYS.items():
+        if key not in given:
+            set_key(cfg, key, value)
+    return cfg
+
+
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the preset (name or YAML path; default ``digits``), then ``key=value`` overrides.
 

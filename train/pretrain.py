@@ -36,7 +36,7 @@ import fastpred.functional
 from . import checkpoint, data, monitor
 from .augment import eval_transform, two_view_transforms
 from .batch_augment import BatchAugment
-from .config import (Config, ConfigError, diff, from_dict, key_summary, load_config, presets, save_yaml, to_dict,
+from .config import (Config, ConfigError, diff, from_saved, key_summary, load_config, presets, save_yaml, to_dict,
                      to_yaml, validate)
 from .model import BYOL, build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
@@ -433,7 +433,7 @@ def _claim_on_main(out: Path, fresh: bool) -> tuple[IO, dict | None, Path | None
 def config_changes(state: dict, cfg: Config) -> list[str]:
     """The configuration keys whose values in ``cfg`` differ from the checkpoint's."""
     try:
-        return diff(from_dict(state["config"]), cfg)
+        return diff(from_saved(state["config"]), cfg)
     except ValueError as e:  # written by a version with other keys
         return [f"(saved configuration not comparable: {e})"]
 

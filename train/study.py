@@ -2,8 +2,8 @@
 
     python -m train.study --grid paper --out docs [--seeds 3]
 
-A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, a default number
-of ``seeds`` and a list of ``rows``. A row either trains (``set``: ``key=value`` overrides of the
+A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, optional ``set``
+overrides of it for every row, a default number of ``seeds`` and a list of ``rows``. A row either trains (``set``: ``key=value`` overrides of the
 preset, run as ``python -m train.pretrain`` then ``python -m train.linear_eval``) or is a
 ``reference`` evaluated without pre-training (``random_init`` or ``raw_pixels``). A row may carry
 the paper's number (``paper``) and direction (``expect``), against which each row gets a verdict.
@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, diff, from_dict, load_config, named_yaml, to_dict
+from .config import ConfigError, diff, from_dict, from_saved, load_config, named_yaml, to_dict
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 GRID_DIR = CHECKOUT / "train" / "configs" / "grids"
@@ -65,6 +65,7 @@ class Grid:
     seeds: int
     rows: tuple[Row, ...]
     notes: str = ""  # free text printed at the top of study.md (e.g. how the preset was calibrated)
+    set: tuple[str, ...] = ()  # key=value overrides of the preset for every row, before the row's own
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -89,9 +90,9 @@ def load_grid(name_or_path: str) -> Grid:
     d = yaml.safe_load(path.read_text()) or {}
     if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or not d["rows"]:
         raise ConfigError(f"grid {path}: expected a mapping with a non-empty list 'rows'")
-    unknown = set(d) - {"preset", "seeds", "rows", "notes"}
+    unknown = set(d) - {"preset", "seeds", "set", "rows", "notes"}
     if unknown:
-        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, rows, notes)")
+        raise ConfigError(f"grid {path}: unknown keys {sorted(unknown)} (expected preset, seeds, set, rows, notes)")
     rows, names = [], set()
     for i, r in enumerate(d["rows"]):
         if not isinstance(r, dict) or not r.get("name"):
@@ -99,11 +100,8 @@ def load_grid(name_or_path: str) -> Grid:
         bad = set(r) - {f for f in Row.__dataclass_fields__}
         if bad:
             raise ConfigError(f"grid {path}: row {r['name']!r} has unknown keys {sorted(bad)}")
-        s = r.get("set") or {}
-        if not isinstance(s, dict):
-            raise ConfigError(f"grid {path}: row {r['name']!r}: 'set' must be a mapping of dotted keys")
         row = Row(name=str(r["name"]), what=str(r.get("what", "")),
-                  set=tuple(f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in s.items()),
+                  set=_overrides(r.get("set"), f"grid {path}: row {r['name']!r}"),
                   reference=str(r.get("reference", "")), paper=str(r.get("paper", "")),
                   expect=dict(r.get("expect") or {}))
         if row.name in names:
@@ -119,16 +117,23 @@ def load_grid(name_or_path: str) -> Grid:
             if kind in ("above", "below", "similar_to") and target not in names:
                 raise ConfigError(f"grid {path}: row {row.name!r}: expect {kind}: {target!r} is not a row")
     grid = Grid(name=path.stem, preset=str(d.get("preset", "")) or "digits", seeds=int(d.get("seeds", 3)),
-                rows=tuple(rows), notes=str(d.get("notes", "")).strip())
+                rows=tuple(rows), notes=str(d.get("notes", "")).strip(), set=_overrides(d.get("set"), f"grid {path}"))
     for row in rows:
         run_config(grid, row, 0)  # raises ConfigError naming a bad key
     return grid
 
 
+def _overrides(s: Any, where: str) -> tuple[str, ...]:
+    """A ``set`` mapping of dotted keys as ``key=value`` overrides."""
+    if not isinstance(s or {}, dict):
+        raise ConfigError(f"{where}: 'set' must be a mapping of dotted keys")
+    return tuple(f"{k}={json.dumps(v) if isinstance(v, (list, bool)) else v}" for k, v in (s or {}).items())
+
+
 def run_config(grid: Grid, row: Row, seed: int) -> dict:
     """The full configuration a (row, seed) runs with, as a plain dict."""
     try:
-        return to_dict(load_config(grid.preset, [*row.set, f"seed={seed}"]))
+        return to_dict(load_config(grid.preset, [*grid.set, *row.set, f"seed={seed}"]))
     except ConfigError as e:
         raise ConfigError(f"grid {grid.name!r}, row {row.name!r}: {e}") from e
 
@@ -164,7 +169,7 @@ def check_unchanged(grid: Grid, state: dict) -> None:
             problems.append(f"row {row.name!r}: reference {rec.get('reference', '')!r} -> {row.reference!r}")
         now = run_config(grid, row, rec["seed"])
         try:
-            changed = diff(from_dict(rec["config"]), from_dict(now))
+            changed = diff(from_saved(rec["config"]), from_dict(now))
         except (ValueError, TypeError) as e:  # recorded by a trainer with other keys
             problems.append(f"{key}: its recorded configuration no longer loads ({e})")
             continue
@@ -256,10 +261,11 @@ def execute(grid: Grid, row: Row, seed: int, run_dir: Path, runner: Runner) -> d
     seed_arg = f"seed={seed}"
     if row.reference:
         runner([py, "-m", "train.linear_eval", "--config", grid.preset, "--reference", row.reference,
-                "--out", str(run_dir), *row.set, seed_arg], log)
+                "--out", str(run_dir), *grid.set, *row.set, seed_arg], log)
         res = json.loads((run_dir / "linear_eval.json").read_text())[row.reference]
         return {"linear_top1": res["top1"], "linear_top5": res["top5"], "linear_lr": res["lr"], "erank": res["erank"]}
-    runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *row.set, seed_arg], log)
+    runner([py, "-m", "train.pretrain", "--config", grid.preset, "--out", str(run_dir), *grid.set, *row.set, seed_arg],
+           log)
     final = final_metrics(run_dir)
     if final is None:
         raise RuntimeError(f"pre-training in {run_dir} ended without a final evaluation (log: {log})")
@@ -358,12 +364,13 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
     total = len(plan(grid, seeds))
     done = [r for r in state["runs"].values()]
     wall = sum(r["wall_s"] for r in done)
-    cfg = load_config(grid.preset)
+    cfg = load_config(grid.preset, grid.set)
     lines = [f"# Study `{grid.name}`: the paper's ablations on `{grid.preset}`", "",
              f"Reproduce: `{command}` (resumable; finished runs are kept).", "",
              f"State: {len(done)} of {total} runs finished ({seeds} seeds per row), "
              f"{wall / 3600:.2f} h of run wall time so far. Machine: {state.get('machine', machine())}.", "",
-             f"Recipe (preset `{grid.preset}`, frozen before the study): {cfg.model.arch} backbone, projector "
+             f"Recipe (preset `{grid.preset}`" + "".join(f", {o}" for o in grid.set) + ", frozen before the study): "
+             f"{cfg.model.arch} backbone, projector "
              f"{cfg.model.proj_hidden} -> {cfg.model.proj_dim}, {cfg.epochs} epochs on "
              f"{cfg.data.train_subset or 'all'} training images, batch {cfg.batch_size}, SGD lr {cfg.optim.lr} "
              f"wd {cfg.optim.weight_decay}, EMA {cfg.model.ema_tau}; DirectPred rho {cfg.predictor.rho}, "

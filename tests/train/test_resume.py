@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from train import checkpoint
+from train import checkpoint, data
 from train.model import BYOL
 
 # 2 epochs x 5 steps on digits; a checkpoint every 4 steps as well as at each epoch end
@@ -51,22 +51,29 @@ def _interrupt_at(monkeypatch, step: int, sig: int):
     return lambda: monkeypatch.setattr(BYOL, "update_target", original)
 
 
-@pytest.mark.parametrize("stop_step, sig, workers", [(3, signal.SIGUSR1, 1), (5, signal.SIGTERM, 0)],
-                         ids=["mid-epoch-SIGUSR1-workers", "epoch-end-SIGTERM"])
+@pytest.mark.parametrize("stop_step, sig, workers, batched",
+                         [(3, signal.SIGUSR1, 1, False), (3, signal.SIGUSR1, 0, True), (5, signal.SIGTERM, 0, True)],
+                         ids=["mid-epoch-SIGUSR1-per-sample-workers", "mid-epoch-SIGUSR1-batched",
+                              "epoch-end-SIGTERM-batched"])
 def test_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatch, run_pretrain, read_metrics,
-                                               stop_step, sig, workers):
+                                               stop_step, sig, workers, batched):
+    run = [*RUN, f"aug.batched={str(batched).lower()}"]
+    batches = []  # the batched path (in-memory digits, views made per batch) runs when asked for
+    iterate = data.BatchedViews.__iter__
+    monkeypatch.setattr(data.BatchedViews, "__iter__", lambda self: batches.append(1) or iterate(self))
     ref = tmp_path / "ref"
-    run_pretrain(ref, None, *RUN)
+    run_pretrain(ref, None, *run)
+    assert bool(batches) == batched
 
     out = tmp_path / "resumed"
     restore = _interrupt_at(monkeypatch, stop_step, sig)
     # the interrupted run may use DataLoader workers: augmentations are seeded per sample
-    run_pretrain(out, None, *RUN, f"data.workers={workers}")
+    run_pretrain(out, None, *run, f"data.workers={workers}")
     restore()
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == stop_step
     assert not read_metrics(out)[-1].get("final")
-    run_pretrain(out, None, *RUN)  # same --out: resumes
+    run_pretrain(out, None, *run)  # same --out: resumes
 
     a = torch.load(ref / "last.pt", weights_only=True)
     b = torch.load(out / "last.pt", weights_only=True)

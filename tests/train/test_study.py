@@ -2,6 +2,7 @@
 Runs really go through subprocesses of the trainer CLI; resume after a kill, no redone runs,
 refusal of a changed grid. The verdict rule on hand-made numbers."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -101,6 +102,49 @@ def test_paper_grid_loads_row_major_with_the_references_first():
     order = study.plan(grid, 3)
     assert [(r.name, s) for r, s in order[:4]] == [("random_init", 0), ("random_init", 1), ("random_init", 2),
                                                   ("raw_pixels", 0)]
+
+
+def test_grid_set_applies_to_every_row_before_its_own(tmp_path):
+    p = tmp_path / "g.yaml"
+    p.write_text(json.dumps({"preset": "digits", "set": {"epochs": 3, "optim.lr": 0.2},
+                             "rows": [{"name": "a"}, {"name": "b", "set": {"optim.lr": 0.1}}]}))
+    grid = study.load_grid(str(p))
+    a, b = (study.run_config(grid, grid.row(n), 1) for n in ("a", "b"))
+    assert (a["epochs"], a["optim"]["lr"], b["epochs"], b["optim"]["lr"], b["seed"]) == (3, 0.2, 3, 0.1, 1)
+    p.write_text(json.dumps({"preset": "digits", "set": {"optim.lrr": 1}, "rows": [{"name": "a"}]}))
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        study.load_grid(str(p))
+
+
+def test_paper_grid_keeps_its_recorded_runs():
+    """docs/study.json was recorded with per-sample augmentation, before aug.batched existed: the
+    paper grid pins it, so its 78 runs stay valid; without the pin they would be refused."""
+    grid = study.load_grid("paper")
+    assert "aug.batched=false" in grid.set
+    state = json.loads((ROOT / "docs" / "study.json").read_text())
+    assert len(state["runs"]) == 78 and "batched" not in state["runs"]["directpred/seed0"]["config"]["aug"]
+    study.check_unchanged(grid, state)
+    with pytest.raises(ConfigError, match=r"directpred/seed0: aug.batched"):
+        study.check_unchanged(dataclasses.replace(grid, set=()), state)
+
+
+def _steps(cfg: dict) -> int:
+    images = cfg["data"]["train_subset"] or 60_000  # Fashion-MNIST's training split
+    return cfg["epochs"] * (images // cfg["batch_size"])
+
+
+def test_long_grid_is_the_main_claims_at_4x_the_steps_with_5_seeds():
+    long, paper = study.load_grid("long"), study.load_grid("paper")
+    assert long.preset == paper.preset and long.seeds == 5 and "aug.batched=true" in long.set
+    assert [r.reference for r in long.rows[:2]] == ["random_init", "raw_pixels"]
+    for row in long.rows:  # the same rows as in the paper grid, with their claims
+        twin = paper.row(row.name)
+        assert (row.set, row.reference, row.expect, row.paper) == (twin.set, twin.reference, twin.expect, twin.paper)
+    assert {"directpred", "sgd_linear", "mlp", "no_predictor", "sgd_linear_sym_noema", "sgd_linear_noema",
+            "no_stop_grad", "dp_power1", "dp_freq5"} <= {r.name for r in long.rows}
+    paper_steps = _steps(study.run_config(paper, paper.row("directpred"), 0))
+    assert paper_steps == 468
+    assert _steps(study.run_config(long, long.row("directpred"), 0)) >= 4 * paper_steps
 
 
 def _state(values: dict[str, list[float]], erank: float = 30.0) -> dict:
