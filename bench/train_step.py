@@ -47,9 +47,9 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import Dataset
 
 import fastpred
+from bench.train_throughput import SyntheticImages
 from train import data
 from train.config import Config, load_config, set_key
 from train.batch_augment import BatchAugment
@@ -73,7 +73,7 @@ class Case:
     preset: str
     batch: int  # per-GPU batch: images per step (each gives two views)
     data: str  # "synthetic" (random normalised views) or "in_memory" (uint8 dataset + batched augmentation)
-    classes: int  # for the online probe's random labels
+    classes: int  # the online probe's classes (its labels are random)
     dataset_size: int = 0  # in_memory: images held on the device
     overrides: tuple[str, ...] = ()  # config overrides (the toy sizes)
 
@@ -176,31 +176,17 @@ class PredictorClock:
 
 
 # ------------------------------------------------------------------ data
-class SyntheticImages(Dataset):
-    """An in-memory uint8 dataset shaped like the preset's (CIFAR-10's for cifar10_r18): random
-    images (N, C, H, W) and labels in host memory, as :mod:`train.data` holds CIFAR-10."""
-
-    def __init__(self, size: int, channels: int, side: int, classes: int, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (size, channels, side, side), dtype=torch.uint8, generator=g)
-        self.targets = torch.randint(0, classes, (size,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], int(self.targets[i])
-
-
 def in_memory_batches(case: Case, cfg: Config, device: torch.device, augment: Augment | None = None):
-    """The trainer's batches for an in-memory dataset, without end: :class:`train.data.BatchedViews`
-    over a :class:`train.data.ResumableSampler` (a new order each epoch), both views made on
-    ``device`` by ``augment`` (default: :class:`train.batch_augment.BatchAugment` for the preset's
-    ``aug`` section), as :func:`train.pretrain.load_data` sets them up."""
+    """The trainer's batches for an in-memory dataset of random uint8 images shaped like the
+    preset's, held in host memory (:class:`bench.train_throughput.SyntheticImages`), without end:
+    :class:`train.data.BatchedViews` over a :class:`train.data.ResumableSampler` (a new order
+    each epoch), both views made on ``device`` by ``augment`` (default:
+    :class:`train.batch_augment.BatchAugment` for the preset's ``aug`` section), as
+    :func:`train.pretrain.load_data` sets them up."""
     spec, side = data.spec(cfg.data), cfg.data.image_size
     if case.dataset_size < case.batch:
         raise ValueError(f"dataset_size={case.dataset_size} is smaller than batch={case.batch}")
-    ds = SyntheticImages(case.dataset_size, spec.channels, side, case.classes, cfg.seed)
+    ds = SyntheticImages(case.dataset_size, spec.channels, side, seed=cfg.seed)
     sampler = data.ResumableSampler(ds, case.batch, 1, 0, cfg.seed)
     augment = augment or BatchAugment(cfg.aug, side, spec.mean, spec.std, cfg.seed)
     batches = data.BatchedViews(ds, sampler, case.batch, augment, device)
