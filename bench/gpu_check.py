@@ -17,6 +17,12 @@ Within a time budget (``--budget-s``, default 450 s, build included):
    (pytest-timeout, ``--test-timeout``).
 3. Benchmarks, timed with CUDA events in interleaved rounds (medians); a case that
    would start after the budget is spent is skipped and listed as such:
+   * real training steps (:mod:`bench.train_step`), first: the trainer's ``train_step``
+     per predictor (``directpred``, ``linear``, ``none``) on ``imagenet_r50_300ep``'s
+     network (bf16, channels_last, synthetic 224x224 views, batch 128) and on
+     ``cifar10_r18`` with in-memory uint8 data augmented in batch on the GPU: images/s
+     and the predictor's share of the step; one failing case (an OOM) is recorded and the
+     rest still run;
    * eigh: ``torch.linalg.eigh`` against fastpred's cuSOLVER paths (csrc ``Xsyevd``,
      CuPy ``Xsyevd``, csrc ``XsyevBatched``, ``Xsyevd`` matrix by matrix,
      ``cupy.linalg.eigh``) at dim 128 ... 4096 and batch 1 ... 64;
@@ -29,15 +35,18 @@ Within a time budget (``--budget-s``, default 450 s, build included):
    * DirectCopy (power 1): the closed form ``F / s_max + eps I`` against the eigh path.
 4. ``report.json`` and ``report.md`` in ``--out``, written whatever failed.
 
-``--dry-run`` (no GPU needed): the build, the collection of the GPU tests, and the
-report, which says that nothing was measured.
+``--dry-run`` (no GPU needed): the build, the collection of the GPU tests, the list of
+the training-step benchmarks a run would take, and the report, which says that nothing
+was measured.
 
 Exit status: 0 when everything ran and passed; 1 when the build, a GPU test (or, in
-a dry run, their collection) failed; 2 without a GPU (and no ``--dry-run``).
+a dry run, their collection or the training-step plan) failed; 2 without a GPU (and no
+``--dry-run``). A benchmark that fails is recorded in the report, not in the status.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -269,6 +278,23 @@ def run_gpu_tests(out: Path, budget: Budget, test_timeout: float, collect_only: 
 
 
 # ------------------------------------------------------------- benchmarks
+def bench_train_step(quick: bool, plan_only: bool = False) -> dict:
+    """The training-step benchmarks (:mod:`bench.train_step`): their plan, and unless
+    ``plan_only`` their rows. An import failure (train/ needs torchvision) is recorded."""
+    try:
+        from bench import train_step
+    except Exception as err:  # noqa: BLE001 - the other benchmarks still run
+        print(f"gpu-check: training-step benchmarks unavailable: {type(err).__name__}: {err}", flush=True)
+        return {"error": f"{type(err).__name__}: {err}", "planned": [], "rows": []}
+    schedule = train_step.QUICK if quick else train_step.FULL
+    section = {"planned": train_step.planned(), "schedule": dataclasses.asdict(schedule)}
+    for row in section["planned"]:
+        print(f"gpu-check: {'planned' if plan_only else 'will run'}: " + train_step.format_plan(row), flush=True)
+    if not plan_only:
+        section.update(train_step.run(schedule=schedule, device="cuda", allows=BUDGET.allows))
+    return section
+
+
 def bench_eigh(dims, batches, rounds) -> list[dict]:
     from fastpred.eigh_driver import EighDriver, TorchCudaOps
 
@@ -417,6 +443,14 @@ def bench_directcopy(dims, rounds) -> list[dict]:
 
 
 # ----------------------------------------------------------------- report
+def train_step_markdown(section: dict, dry_run: bool) -> list[str]:
+    try:
+        from bench import train_step
+    except Exception as err:  # noqa: BLE001 - recorded by bench_train_step already
+        return ["", "## Training step per predictor", "", f"**Not run:** {section.get('error') or err}"]
+    return train_step.markdown(section, dry_run)
+
+
 def markdown(result: dict) -> str:
     env, lines = result["environment"], ["# fastpred GPU check", ""]
     if result.get("dry_run"):
@@ -447,6 +481,8 @@ def markdown(result: dict) -> str:
         lines += [f"- FAILED {f['test']}: {f['message']}" for f in tests["failed"]]
         reasons = sorted({s["reason"] for s in tests["skipped"]})
         lines += [f"- skipped because: {r}" for r in reasons]
+    if "train_step" in result:
+        lines += train_step_markdown(result["train_step"], dry_run=bool(result.get("dry_run")))
     if "syncs" not in result:
         return "\n".join(lines) + "\n"
     lines += ["", "## Host synchronisations per predictor step", "",
@@ -503,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             result["tests"] = run_gpu_tests(out, BUDGET, args.test_timeout, collect_only=True)
             failed |= result["tests"]["returncode"] != 0
+            result["train_step"] = bench_train_step(args.quick, plan_only=True)
+            section = result["train_step"]
+            failed |= bool(section.get("error")) or any("error" in r for r in section["planned"])
             return 1 if failed else 0
         if result["environment"].get("csrc_kernel_image", "ok") != "ok":
             cap = result["environment"]["capability"]
@@ -511,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_tests:
             result["tests"] = run_gpu_tests(out, BUDGET, args.test_timeout)
             failed |= result["tests"]["returncode"] != 0
+        result["train_step"] = bench_train_step(args.quick)
         result["syncs"] = count_syncs()
         result["directcopy"] = bench_directcopy([256, 1024], grid["rounds"])
         result["full"] = bench_full(grid["dims"], grid["rounds"])
