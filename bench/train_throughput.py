@@ -9,8 +9,9 @@ Each preset trains on synthetic in-memory uint8 images of its dataset's shape (r
 the cost of the views and of the step does not depend on the content), through the trainer's own
 pieces: :class:`train.data.Views` in a DataLoader on a :class:`train.data.ResumableSampler`, or
 :class:`train.data.BatchedViews`; then :func:`train.pretrain.train_step`. Both pipelines start
-from the same weights. Rounds alternate the two, rotating which goes first, and the figure is
-the median over rounds, so a burst of load on a shared machine hits both alike. A second pair of
+from the same weights. Rounds alternate the two, rotating which goes first; images/s are medians
+over rounds, and the speed-up is the median over rounds of each round's ratio (the two pipelines
+ran back to back in it), so a burst of load on a shared machine hits both alike. A second pair of
 columns times the views alone (the data path without the step).
 """
 
@@ -103,7 +104,8 @@ def measure(preset: str, overrides: list[str], batch: int, steps: int, rounds: i
     return {"config": preset, "batch_size": batch, "image_size": cfg.data.image_size, "steps": steps,
             "rounds": rounds, "workers": workers, "device": str(device), "threads": torch.get_num_threads(),
             "images_per_s": med, "rounds_images_per_s": rates,
-            "speedup": med["batched"]["step"] / med["per_sample"]["step"]}
+            # paired: each round's ratio (the two ran back to back), then the median over rounds
+            "speedup": statistics.median(b / a for a, b in zip(rates["per_sample"]["step"], rates["batched"]["step"]))}
 
 
 def main(args: argparse.Namespace) -> list[dict]:

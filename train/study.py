@@ -4,7 +4,7 @@
 
 A grid is a plain YAML file in ``train/configs/grids/`` (or a path): a ``preset``, optional ``set``
 overrides of it for every row, a default number of ``seeds`` and a list of ``rows``. A row either
-trains (``set``: ``key=value`` overrides of the preset, after the grid's; run as
+trains (``set``: ``key=value`` overrides of the preset, applied after the grid's, run as
 ``python -m train.pretrain`` then ``python -m train.linear_eval``) or is a
 ``reference`` evaluated without pre-training (``random_init`` or ``raw_pixels``). A row may carry
 the paper's number (``paper``) and direction (``expect``), against which each row gets a verdict.
