@@ -12,15 +12,10 @@ import argparse
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastpred
-
-
-def byol_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Normalized MSE, 2 - 2 cos (BYOL's loss), with a stop-gradient on the target."""
-    return (2 - 2 * F.cosine_similarity(p, target.detach(), dim=-1)).mean()
+from fastpred.losses import byol_loss
 
 
 def main() -> None:
@@ -42,7 +37,7 @@ def main() -> None:
         p1, p2 = predictor(online(v1)), predictor(online(v2))  # one call per view
         with torch.no_grad():
             t1, t2 = target(v1), target(v2)
-        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+        loss = byol_loss(p1, t2) + byol_loss(p2, t1)  # 2 - 2 cos per view pair; targets from no_grad
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()  # also one DirectPred step

@@ -17,11 +17,11 @@ import copy
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastpred
+from fastpred.losses import byol_loss
 
 
 class BYOLModule(L.LightningModule):
@@ -39,7 +39,7 @@ class BYOLModule(L.LightningModule):
         p1, p2 = self.predictor(self.online(v1)), self.predictor(self.online(v2))
         with torch.no_grad():
             t1, t2 = self.target(v1), self.target(v2)
-        loss = (4 - 2 * F.cosine_similarity(p1, t2, dim=-1) - 2 * F.cosine_similarity(p2, t1, dim=-1)).mean()
+        loss = byol_loss(p1, t2) + byol_loss(p2, t1)  # float32 whatever bf16-mixed says
         self.log("loss", loss, prog_bar=True)
         return loss
 

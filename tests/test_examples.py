@@ -45,3 +45,11 @@ def test_lightning_example_survives_a_second_fit_with_one_target_update_per_opti
     for _ in range(2):
         example.fit(module, 2)
     assert int(module.predictor.num_updates) == module.target_updates == 4
+
+
+@pytest.mark.parametrize("script", ["byol_plain.py", "lightning_accumulate.py"])
+def test_examples_use_the_librarys_byol_loss(script):
+    """The examples call fastpred.losses.byol_loss instead of carrying their own copy of it."""
+    source = (ROOT / "examples" / script).read_text()
+    assert "from fastpred.losses import byol_loss" in source
+    assert "def byol_loss" not in source and "cosine_similarity" not in source

@@ -160,7 +160,7 @@ def check_resumable(state: dict, cfg: Config, path: Path) -> None:
                           "or --fresh to start over with these")
     if state["epoch"] >= cfg.epochs and saved.get("epochs") != cfg.epochs:
         raise ConfigError(f"epochs={cfg.epochs}: {path} has already trained {state['epoch']} epochs "
-                          f"(of epochs={saved.get('epochs')}); use epochs>={state['epoch'] + (state['batch'] > 0)}, "
+                          f"(of epochs={saved.get('epochs')}); use epochs>={state['epoch'] + 1}, "
                           "or --fresh to start over")
 
 

@@ -475,6 +475,7 @@ def test_epochs_lowered_to_where_the_checkpoint_is_are_refused(finished, tmp_pat
     _as_killed_after_the_last_checkpoint(out, None)
     line = _cli(["--out", str(out), *RUN])  # epochs=1
     assert "epochs=1" in line and "already trained 1 epochs (of epochs=3)" in line
+    assert "use epochs>=2" in line  # the bound it suggests is one it accepts (it said epochs>=1)
 
 
 def test_linear_eval_writes_no_second_final_record_and_no_tensorboard_events(finished, tmp_path, read_metrics):
