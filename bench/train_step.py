@@ -150,8 +150,9 @@ def time_steps(device: torch.device, step: Callable[[], object], n: int) -> floa
 
 class PredictorClock:
     """Spans of the predictor's own work while installed: each forward call (pre/post hooks)
-    and, for a DirectPredictor, each ``step()`` (what :meth:`fastpred.DirectPredictor.attach`'s
-    optimizer hook runs). ``remove()`` restores the module."""
+    and, for a DirectPredictor, each end of a step (``_end_step``: the fold and the rebuild, which
+    the optimizer hook of :meth:`fastpred.DirectPredictor.attach` runs; the trainer attaches).
+    ``remove()`` restores the module."""
 
     def __init__(self, predictor: nn.Module, spans: Spans) -> None:
         self.predictor, self.spans = predictor, spans
@@ -159,20 +160,20 @@ class PredictorClock:
                         predictor.register_forward_hook(lambda *_: spans.end())]
         self.wrapped = isinstance(predictor, fastpred.DirectPredictor)
         if self.wrapped:
-            own_step = predictor.step
+            own_end_step = predictor._end_step
 
-            def timed_step() -> None:
+            def timed_end_step() -> None:
                 spans.begin()
-                own_step()
+                own_end_step()
                 spans.end()
 
-            predictor.step = timed_step  # an instance attribute: the attach hook calls self.step()
+            predictor._end_step = timed_end_step  # an instance attribute: every route ends a step here
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         if self.wrapped:
-            del self.predictor.step
+            del self.predictor._end_step
 
 
 # ------------------------------------------------------------------ data

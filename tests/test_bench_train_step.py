@@ -110,7 +110,7 @@ def test_predictor_clock_spans_each_forward_and_each_attached_step():
     clock.remove()
     pred(torch.randn(4, 8))
     opt.step()
-    assert len(spans.spans) == 9 and "step" not in vars(pred) and int(pred.num_updates) == 4
+    assert len(spans.spans) == 9 and "_end_step" not in vars(pred) and int(pred.num_updates) == 4
     handle.remove()
 
 
