@@ -397,9 +397,11 @@ class DirectPredictor(nn.Module):
         """Per-call mode: several training calls between two steps of this predictor's
         optimizer (one holding W_p) are several DirectPred steps, where the authors fold
         both views of a step as one batch. Other optimizers' steps are not its steps."""
-        if (self._attachment is not None or self._calls_between_optimizer_steps == 0
-                or not any(p is self.weight for group in optimizer.param_groups for p in group["params"])):
+        if self._attachment is not None or self._calls_between_optimizer_steps == 0:
             return
+        weight = self.weight  # bound once: nn.Module attribute lookup is slow
+        if not any(p is weight for group in optimizer.param_groups for p in group["params"]):
+            return  # not this predictor's optimizer
         if self._calls_between_optimizer_steps > 1:
             self._warn_once("per-view", f"DirectPredictor: {self._calls_between_optimizer_steps} training calls "
                             "between two optimizer steps, each one DirectPred step (F takes that many EMA steps per "
