@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 import weakref
 from typing import Callable
@@ -53,10 +55,14 @@ class DirectPredictor(nn.Module):
 
     A call uses its own copy of W_p, so any number of calls per step back-propagate
     correctly (eagerly and under ``torch.compile``). Eval mode only predicts. Misuse is
-    named once by a RuntimeWarning: an optimizer step with no training call since the
-    last one (a predictor left in eval mode, or not in the forward pass); several
-    training calls between two optimizer steps without :meth:`attach`; ``freq > 1``
-    with W_p in no param group of the attached optimizer.
+    named once by a RuntimeWarning that points at the user's line: an optimizer step
+    with no training call since the last one (a predictor left in eval mode, or not in
+    the forward pass); ``freq > 1`` with W_p in no param group of the attached
+    optimizer; several training calls between two optimizer steps without
+    :meth:`attach` (per-view calls), checked at the step of an optimizer that holds
+    this predictor's W_p in a param group (as ``model.parameters()`` gives it, also
+    with ``freq == 1``). Other optimizers' steps are ignored, so a predictor whose W_p
+    is in no optimizer is never named for this.
 
     Args:
         dim: feature dimension d (W_p is d x d).
@@ -184,7 +190,7 @@ class DirectPredictor(nn.Module):
         self._skips_warned = 0
         self._attachment: Attachment | None = None  # steps are optimizer steps (attach) rather than calls
         self._recorded = False  # a training call since the last step (attached mode)
-        self._calls_between_optimizer_steps = 0  # per-call mode: for the per-view warning
+        self._calls_between_optimizer_steps = 0  # per-call mode: steps since its optimizer's last step
         self._warned: set[str] = set()  # each misuse is named once
         self._load_rejected = False
         self._impl: Backend | None = None
@@ -326,6 +332,7 @@ class DirectPredictor(nn.Module):
         self._catch_up()  # a rebuild owed by the per-call mode
         self._stats.clear()
         self._recorded = False
+        self._calls_between_optimizer_steps = 0
         self._resolve_backend()
         self._attachment = Attachment(self, optimizer)
         return self._attachment
@@ -386,10 +393,16 @@ class DirectPredictor(nn.Module):
         return RunningStatistics(self.corr, self.mean, self.folded, getattr(self, "thresholds", None),
                                  self.num_skipped)
 
-    def _after_optimizer_step(self) -> None:
-        """Per-call mode: several training calls between two optimizer steps are several
-        DirectPred steps (the authors fold both views of a step as one batch)."""
-        if self._attachment is None and self._calls_between_optimizer_steps > 1:
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Per-call mode: several training calls between two steps of this predictor's
+        optimizer (one holding W_p) are several DirectPred steps, where the authors fold
+        both views of a step as one batch. Other optimizers' steps are not its steps."""
+        if self._attachment is not None or self._calls_between_optimizer_steps == 0:
+            return
+        weight = self.weight  # bound once: nn.Module attribute lookup is slow
+        if not any(p is weight for group in optimizer.param_groups for p in group["params"]):
+            return  # not this predictor's optimizer
+        if self._calls_between_optimizer_steps > 1:
             self._warn_once("per-view", f"DirectPredictor: {self._calls_between_optimizer_steps} training calls "
                             "between two optimizer steps, each one DirectPred step (F takes that many EMA steps per "
                             "optimizer step); call predictor.attach(optimizer) to fold them as one step, or "
@@ -399,7 +412,7 @@ class DirectPredictor(nn.Module):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
 
     def _warn_new_skips(self) -> None:
         skipped = int(self.num_skipped)
@@ -408,7 +421,7 @@ class DirectPredictor(nn.Module):
                 f"DirectPredictor: {skipped - self._skips_warned} batch(es) with non-finite or "
                 f"huge features were skipped (F unchanged); {skipped} in total",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
             self._skips_warned = skipped
 
@@ -447,13 +460,14 @@ class DirectPredictor(nn.Module):
         self.num_eigh_failures += ~ok
         if weight.device.type == "cpu" and not ok:  # reading a CPU tensor is free
             warnings.warn("DirectPredictor: the rebuilt W_p is not finite; keeping the previous W_p",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=_user_stacklevel())
         return ok
 
     def _record_eigh_failure(self, err: Exception) -> bool:
         """Count an eigensolver failure (W_p is left as it was) and warn."""
         self.num_eigh_failures += 1
-        warnings.warn(f"DirectPredictor: {err}; keeping the previous W_p", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"DirectPredictor: {err}; keeping the previous W_p", RuntimeWarning,
+                      stacklevel=_user_stacklevel())
         return False
 
     @torch.no_grad()
@@ -546,7 +560,9 @@ def _end_step_of(ref: "weakref.ref[DirectPredictor]") -> None:
         predictor._end_attached_step()
 
 
-# Per-call predictors watch every optimizer's steps (one global hook) to name per-view calls.
+# Per-call predictors are not attached to an optimizer, so one global step hook (there
+# while some exist) shows each one every optimizer's steps; a predictor only counts those
+# of an optimizer holding its W_p. Weak references: the hook keeps no predictor alive.
 _watched: "weakref.WeakSet[DirectPredictor]" = weakref.WeakSet()
 _global_hook = None
 
@@ -558,9 +574,28 @@ def _watch_optimizer_steps(predictor: DirectPredictor) -> None:
         _global_hook = register_optimizer_step_post_hook(_after_any_optimizer_step)
 
 
-def _after_any_optimizer_step(optimizer, args, kwargs) -> None:
-    for predictor in list(_watched):
-        predictor._after_optimizer_step()
+def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    global _global_hook
+    predictors = list(_watched)
+    for predictor in predictors:
+        predictor._after_optimizer_step(optimizer)
+    if not predictors and _global_hook is not None:  # every per-call predictor is gone
+        _global_hook.remove()
+        _global_hook = None
+
+
+# Frames of these directories are not the user's code (fastpred, torch's optimizer hooks,
+# nn.Module.__call__, torch.compile's eval_frame, the no_grad wrappers).
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` issued by the caller point at
+    the first frame outside fastpred and torch: the user's call or ``optimizer.step()``."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _after_load(module: DirectPredictor, incompatible_keys) -> None:

@@ -5,7 +5,10 @@ Expected values come from float64 models written here (outer products, np.linalg
 never from the code under test.
 """
 import copy
+import gc
+import pickle
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -190,6 +193,82 @@ def test_per_view_calls_without_attach_warn_once():
             pred(features(8, d, 2 * t)), pred(features(8, d, 2 * t + 1))
             opt.step()
     assert len(warned(record, "training calls between two optimizer steps")) == 1
+
+
+def test_per_view_calls_warn_at_the_step_of_the_optimizer_holding_the_predictor():
+    """Another model's optimizer stepping in between neither warns nor hides the misuse."""
+    d = 4
+    pred, other = DirectPredictor(d), torch.nn.Linear(d, d)
+    opt = torch.optim.SGD(pred.parameters(), lr=0.1)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for t in range(3):
+            pred(features(8, d, 2 * t)), pred(features(8, d, 2 * t + 1))
+            other_opt.step()
+            assert (t == 0) == (len(record) == 0)  # not named by the unrelated step
+            opt.step()
+    assert [str(w.message).split(" between")[0] for w in record] == ["DirectPredictor: 2 training calls"]
+
+
+def test_an_unrelated_optimizer_step_does_not_warn_about_a_per_call_predictor():
+    """A global optimizer hook named every per-call predictor of the process at any
+    optimizer's step ("3 training calls" from predictors of other tests)."""
+    d = 4
+    pred = DirectPredictor(d)
+    torch.optim.SGD(pred.parameters(), lr=0.1)  # never stepped: F fitted by calls alone
+    for t in range(3):
+        pred(features(8, d, t))
+    other = torch.nn.Linear(d, d)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other(features(8, d, 9)).sum().backward()
+        other_opt.step()
+
+
+def test_the_per_view_check_follows_a_copy_and_keeps_no_predictor_alive():
+    """A deepcopy or unpickled copy is checked against its own optimizer; the check
+    holds no strong reference to a predictor."""
+    d = 4
+    pred = DirectPredictor(d)
+    opt = torch.optim.SGD(pred.parameters(), lr=0.1)
+    pred(features(8, d, 0))
+    opt.step()
+    for twin in (copy.deepcopy(pred), pickle.loads(pickle.dumps(pred))):
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            twin(features(8, d, 1)), twin(features(8, d, 2))
+            opt.step()  # the original's optimizer: not the twin's
+            assert not record
+            twin_opt.step()
+        assert len(warned(record, "2 training calls between two optimizer steps")) == 1
+    ref = weakref.ref(pred)
+    del pred, opt, twin, twin_opt
+    gc.collect()
+    assert ref() is None
+
+
+def test_misuse_warnings_point_at_the_user_code():
+    """stacklevel=4 pointed into torch's optimizer.py / _dynamo/eval_frame.py."""
+    d = 4
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        per_view = DirectPredictor(d)
+        opt = torch.optim.SGD(per_view.parameters(), lr=0.1)
+        per_view(features(8, d, 0)), per_view(features(8, d, 1))
+        opt.step()  # per-view calls without attach
+        idle = DirectPredictor(d)
+        idle_opt = torch.optim.SGD(idle.parameters(), lr=0.1)
+        idle.attach(idle_opt)
+        idle_opt.step()  # no training call since the last step
+        DirectPredictor(d, freq=2).attach(torch.optim.SGD(torch.nn.Linear(d, d).parameters(), lr=0.1))
+        skipping = DirectPredictor(d)
+        skipping(torch.full((8, d), float("nan")))  # a skipped step
+    keys = ["training calls between", "no training-mode call", "never trained", "were skipped"]
+    assert [next(k for k in keys if k in str(w.message)) for w in record] == keys
+    assert [w.filename for w in record] == [__file__] * len(keys)
 
 
 def test_one_call_per_optimizer_step_without_attach_does_not_warn():
