@@ -33,6 +33,15 @@ class ConfigError(ValueError):
     """A user mistake in the configuration or the data location, reported without a traceback."""
 
 
+class SettingsDiffer(ConfigError):
+    """The processes of one distributed run were given different settings. Every rank raises it
+    with the same message; ``rank`` says which one this is (rank 0 alone reports it)."""
+
+    def __init__(self, msg: str, rank: int) -> None:
+        super().__init__(msg)
+        self.rank = rank
+
+
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "digits"
 

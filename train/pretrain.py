@@ -21,7 +21,6 @@ import argparse
 import errno
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -36,14 +35,14 @@ import fastpred.functional
 from . import data, monitor
 from .augment import eval_transform, two_view_transforms
 from .batch_augment import BatchAugment
-from .config import Config, ConfigError, flat, key_summary, load_config, presets, to_yaml, validate
+from .config import Config, ConfigError, SettingsDiffer, flat, key_summary, load_config, presets, to_yaml, validate
 from .model import build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
 from .resume import (Diverged, check_resumable, claim_folder, config_changes, diverged_message, finished_outputs,
                      save_checkpoint, start)
 from .run_state import EpochSums, Learner, Run, bare_module, host_losses
 from .utils import (DistInfo, Preemption, Timer, all_reduce_sum, cleanup_distributed, differences_across_ranks,
-                    gather_objects, init_distributed, log, seed_all, warn)
+                    exit_with_error, gather_objects, init_distributed, log, seed_all, warn)
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,7 +73,7 @@ def write_plots(run: Run) -> None:
     if not run.info.is_main:
         return
     cfg = run.cfg
-    title = f"{cfg.data.name} {cfg.model.arch} predictor={cfg.predictor.name}"
+    title = f"{cfg.data.name} {cfg.model.arch} predictor={cfg.predictor.name} loss={cfg.loss.name} ({cfg.loss.form})"
     for name, write in (("diagnostics.json", run.diag.to_json),
                         ("diagnostics.png", lambda p: run.diag.plot(p, cfg.monitor.collapse_erank, title))):
         path = run.out / name
@@ -309,7 +308,8 @@ def fit(run: Run) -> dict:
     Returns the last evaluation."""
     cfg, info = run.cfg, run.info
     n_params = sum(p.numel() for p in run.learner.bare.parameters() if p.requires_grad)
-    log(f"pre-training {cfg.model.arch} + {cfg.predictor.name} predictor on {cfg.data.name}: "
+    log(f"pre-training {cfg.model.arch} + {cfg.predictor.name} predictor, {cfg.loss.name} loss ({cfg.loss.form}) "
+        f"on {cfg.data.name}: "
         f"{len(run.sampler.dataset)} images, {run.sampler.batches_per_epoch()} steps/epoch x {cfg.epochs} epochs, "
         f"global batch {cfg.batch_size} on {info.world_size} x {info.device.type}, "
         f"{n_params / 1e6:.2f}M trainable parameters -> {run.out}")
@@ -365,7 +365,8 @@ def main(cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
     try:
         differ = differences_across_ranks({**flat(cfg), "--out": str(out_dir), "--fresh": fresh})
         if differ:  # would hang in a collective, or train different things on each rank
-            raise ConfigError(f"the {info.world_size} processes were given different settings: {'; '.join(differ)}")
+            raise SettingsDiffer(f"the {info.world_size} processes were given different settings: "
+                                 f"{'; '.join(differ)}", rank=info.rank)
         run = setup(cfg, Path(out_dir), info)
         lock, state, path = claim_folder(run, fresh)
         try:
@@ -414,12 +415,14 @@ def cli(argv: list[str] | None = None) -> None:
             print(to_yaml(cfg), end="")
             return
         main(cfg, args.out or str(Path("runs") / Path(args.config or "digits").stem), fresh=args.fresh)
+    except SettingsDiffer as e:  # the same line on every rank: rank 0 says it, the others stop quietly
+        exit_with_error(str(e), report=e.rank == 0)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        exit_with_error(str(e))
     except OSError as e:  # the run folder's disk: full or read-only
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             raise
-        sys.exit(f"error: {e}")
+        exit_with_error(str(e))
 
 
 if __name__ == "__main__":

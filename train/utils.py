@@ -4,6 +4,7 @@ RNG state, preemption signals and the metrics log (torchvision references' ``uti
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -13,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TextIO
 
 import numpy as np
 import torch
@@ -78,15 +79,44 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 # ----------------------------------------------------------------------------- logging
 
 
+def write_line(text: str, stream: TextIO) -> None:
+    """``text`` and its newline in one write, so that the lines of processes sharing a terminal or
+    pipe never run together: torchrun starts its ranks with ``python -u``, where ``print`` (and the
+    interpreter's report of ``sys.exit("...")``) write the text and the newline separately.
+    A stream without a file descriptor (a test's capture) gets one ``write`` call instead."""
+    data = text + "\n"
+    stream.flush()  # what is buffered comes first
+    try:
+        fd = stream.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        stream.write(data)
+        stream.flush()
+        return
+    raw = data.encode(getattr(stream, "encoding", None) or "utf-8", errors="backslashreplace")
+    while raw:  # one write unless the line is longer than the pipe's buffer
+        raw = raw[os.write(fd, raw):]
+
+
 def log(msg: str, rank: int | None = None) -> None:
-    """Print on rank 0 only (or everywhere when ``rank`` is given)."""
+    """Print on rank 0 only (or everywhere when ``rank`` is given), one whole line."""
     r = rank if rank is not None else (dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
     if rank is not None or r == 0:
-        print(msg if rank is None else f"[rank {r}] {msg}", flush=True)
+        write_line(msg if rank is None else f"[rank {r}] {msg}", sys.stdout)
 
 
 def warn(msg: str) -> None:
-    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+    """``WARNING: msg`` on stderr, one whole line."""
+    write_line(f"WARNING: {msg}", sys.stderr)
+
+
+def exit_with_error(msg: str, report: bool = True) -> NoReturn:
+    """End the process with status 1 after the one line ``error: msg`` on stderr.
+
+    ``report=False``: end it silently, where another process reports the same line (the ranks of
+    one torchrun job given different settings all stop; rank 0 alone says why)."""
+    if report:
+        write_line(f"error: {msg}", sys.stderr)
+    raise SystemExit(1)
 
 
 class MetricsLog:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,9 +62,30 @@ def test_ranks_given_different_settings_stop_at_start_naming_the_keys(tmp_path):
         stdout, stderr = proc.communicate()
         raise AssertionError("mismatched ranks hung:\n" + (stdout + stderr)[-4000:])
     assert proc.returncode != 0
-    errors = [x for x in stderr.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 2 and errors[0] == errors[1], stderr[-4000:]  # one line per rank, the same
+    # rank 0 alone reports (every rank finds the same keys; rank 1 stops quietly with status 1), in one
+    # whole line: two ranks' lines written text-then-newline under torchrun's `python -u` ran together
+    errors = [x for x in stderr.splitlines() if "error: " in x]
+    assert len(errors) == 1 and errors[0].startswith("error: "), stderr[-4000:]
+    assert errors[0].count("different settings") == 1
     assert ("epochs (rank 0: 1, rank 1: 3); model.proj_dim (rank 0: 64, rank 1: 32); "
             "predictor.rho (rank 0: 0.3, rank 1: 0.5)") in errors[0]
     assert "train/pretrain.py" not in stderr  # no traceback from the trainer (torchrun prints its own summary)
     assert not list(out.glob("*.pt")) if out.exists() else True  # nothing trained
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_an_error_line_is_one_write_or_none(tmp_path, monkeypatch, report):
+    # under torchrun (`python -u`), sys.exit("error: ...") wrote the text and its newline in two writes,
+    # so two ranks' lines could interleave; the line is now one os.write, and a quiet rank writes nothing
+    from train.utils import exit_with_error
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(data) or real_write(fd, data))
+    with open(tmp_path / "stderr", "w", encoding="utf-8") as f:
+        monkeypatch.setattr(sys, "stderr", f)
+        with pytest.raises(SystemExit) as e:
+            exit_with_error("epochs (rank 0: 1, rank 1: 3) — différent", report=report)
+    assert e.value.code == 1
+    expected = "error: epochs (rank 0: 1, rank 1: 3) — différent\n"
+    assert writes == ([expected.encode()] if report else [])
+    assert (tmp_path / "stderr").read_text(encoding="utf-8") == (expected if report else "")

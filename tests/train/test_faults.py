@@ -2,8 +2,10 @@
 incomplete and malicious checkpoints, bad values, two trainers on one folder, a re-run after
 linear evaluation, stale temp files, a full disk and a folder that cannot be written."""
 
+import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import resource
@@ -62,11 +64,14 @@ def _listing(folder: Path) -> dict[str, bytes]:
 
 def _cli(argv: list[str]) -> str:
     """Run ``python -m train.pretrain ARGV`` in this process; return its error line (it must exit 1)."""
-    with pytest.raises(SystemExit) as e:
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(stderr):
         pretrain.cli(argv)
-    assert isinstance(e.value.code, str) and e.value.code.startswith("error: "), e.value.code
-    assert "\n" not in e.value.code
-    return e.value.code
+    text = stderr.getvalue()
+    assert e.value.code == 1, (e.value.code, text)
+    errors = [x for x in text.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and text.endswith(f"{errors[0]}\n"), text  # one whole line, the last
+    return errors[0]
 
 
 # ----------------------------------------------------------------------------- F1, F2: checkpoint integrity

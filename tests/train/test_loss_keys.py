@@ -80,6 +80,13 @@ def test_help_and_print_config_show_the_loss_keys(capsys):
     assert "loss:\n  name: isoloss\n  form: euclidean\n" in out
 
 
+def test_run_start_line_names_the_loss(tmp_path, capsys, run_pretrain):
+    run_pretrain(tmp_path / "run", None, "epochs=1", "batch_size=256", "ckpt.every_steps=0",
+                 "monitor.knn_max_train=200", "loss.name=isoloss")
+    banner = [x for x in capsys.readouterr().out.splitlines() if x.startswith("pre-training ")]
+    assert len(banner) == 1 and " + directpred predictor, isoloss loss (cosine) on " in banner[0], banner
+
+
 RUN = ["epochs=2", "batch_size=256", "ckpt.every_steps=4", "ckpt.keep=3", "log_every=2", "loss.name=isoloss"]
 
 
