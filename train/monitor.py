@@ -79,7 +79,9 @@ def knn_top1(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
 @torch.no_grad()
 def effective_rank(f: torch.Tensor) -> float:
     """exp(entropy of the normalised singular values) of the centred features: between 1
-    (all samples on a line: collapse) and min(N, D)."""
+    (all samples on a line: collapse) and min(N, D); NaN for features that are not finite."""
+    if not bool(f.isfinite().all()):
+        return math.nan
     f = f.double() - f.double().mean(0)
     s = torch.linalg.svdvals(f)
     if s.sum() <= 0:

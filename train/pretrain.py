@@ -185,6 +185,8 @@ def evaluate(run: Run) -> dict:
     cfg, info, backbone = run.cfg, run.info, run.learner.bare.backbone
     cl = cfg.model.channels_last
     train_f, train_y = monitor.extract_features(backbone, run.bank_loader, info.device, run.learner.dtype, cl)
+    if all_reduce_sum([float(not bool(train_f.isfinite().all()))], info.device)[0]:  # every rank stops together
+        raise Diverged(diverged_message(run, f"the backbone's features are not finite at step {run.step}"))
     res = {}
     if run.test_loader is not None:  # None: unlabeled data, nothing to vote with
         test_f, test_y = monitor.extract_features(backbone, run.test_loader, info.device, run.learner.dtype, cl)

@@ -563,3 +563,11 @@ def test_ctrl_c_saves_after_the_step_and_the_resume_is_exact(finished, tmp_path,
     assert b["step"] == 5
     for k in a["model"]:  # the step finished exactly as in the uninterrupted run
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_features_that_overflow_are_one_divergence_line(tmp_path):
+    # IsoLoss in its Euclidean form at the digits default's lr: the loss reaches ~1e8 (finite) while
+    # the backbone's features overflow; this was a LinAlgError traceback from the effective rank.
+    line = _cli(["--out", str(tmp_path / "run"), "epochs=1", "batch_size=256", "ckpt.every_steps=0",
+                 "monitor.knn_max_train=200", "loss.name=isoloss", "loss.form=euclidean"])
+    assert line.startswith("error: training diverged: ") and "features are not finite" in line

@@ -21,6 +21,12 @@ def test_knn_on_separable_clusters():
     assert monitor.knn_top1(f[:150], y_bank, f[150:], y[150:], k=5, t=0.1, num_classes=4) == 100.0
 
 
+def test_effective_rank_of_features_that_are_not_finite_is_nan():
+    f = torch.randn(50, 8)
+    f[3, 2] = float("inf")
+    assert math.isnan(monitor.effective_rank(f))  # was a LinAlgError from svdvals
+
+
 def test_effective_rank_extremes():
     g = torch.Generator().manual_seed(0)
     line = torch.randn(500, 1, generator=g) * torch.randn(1, 16, generator=g)
