@@ -182,8 +182,9 @@ def load_latest(out_dir: str | Path, map_location: str | torch.device = "cpu", r
 # ----------------------------------------------------------------------------- the run folder
 
 
-def lock_folder(out_dir: str | Path) -> IO:
-    """Create ``out_dir`` if needed and take its advisory lock; close the returned file to release it.
+def lock_folder(out_dir: str | Path, lock_name: str = ".lock", holder: str = "trainer") -> IO:
+    """Create ``out_dir`` if needed and take its advisory lock (``out_dir/lock_name``); close the
+    returned file to release it. ``holder`` names the kind of process that owns such a folder.
 
     Raises:
         ConfigError: another process holds the lock, or the folder cannot be written.
@@ -191,14 +192,14 @@ def lock_folder(out_dir: str | Path) -> IO:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+")
+        f = open(out / lock_name, "a+")
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from e
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise ConfigError(f"--out {out} is in use by another trainer (it holds {out / '.lock'}); "
+        raise ConfigError(f"--out {out} is in use by another {holder} (it holds {out / lock_name}); "
                           "wait for it to finish or choose another --out") from None
     return f
 

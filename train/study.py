@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import checkpoint
 from .config import ConfigError, diff, from_dict, from_saved, load_config, load_yaml, named_yaml, read_text, to_dict
 from .paired import LEVEL, MIN_PAIRS, PairedDiff, directional, equivalent, pair
 from .utils import read_metrics
@@ -639,17 +640,7 @@ def lock_study(out: Path):
     Raises:
         ConfigError: another study holds it, or ``out`` cannot be written.
     """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".study.lock", "a+")
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror or e})") from e
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError(f"--out {out} is in use by another study (it holds {out / '.study.lock'})") from None
-    return f
+    return checkpoint.lock_folder(out, ".study.lock", "study")
 
 
 def _run(grid: Grid, grid_name: str, out: Path, seeds: int) -> dict:
