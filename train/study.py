@@ -403,7 +403,8 @@ def verdict(grid: Grid, state: dict, row: Row) -> tuple[str, str]:
     ``similar_to`` claim holds when the interval lies within ±``SIMILAR_MARGIN``, is contradicted
     when it lies wholly outside, undecided otherwise. With fewer paired seeds, the unpaired rule:
     holds / does not / within noise, where a difference of the means no larger than the larger of
-    the two rows' standard deviations is within noise (and a ``similar_to`` claim holds).
+    the two rows' standard deviations is within noise (and a ``similar_to`` claim holds); with one
+    seed in either row there is no spread to compare with, and no verdict.
     ``collapses`` / ``learns`` compare with the ``random_init`` reference row (a network that learned
     nothing useful reads like one at random init) and count an effective rank below 2 as collapse.
     The first element shows the unpaired difference of the means; the paired one is in
@@ -431,6 +432,8 @@ def verdict(grid: Grid, state: dict, row: Row) -> tuple[str, str]:
         return shown + f", erank {erank:.1f}", "holds" if kind == "collapses" else failed_claim
     if is_paired:
         return shown, equivalent(p, SIMILAR_MARGIN) if kind == "similar_to" else directional(p, CLAIM_SIGN[kind])
+    if min(n, rn) < 2:  # one seed has no spread: any difference would "hold"
+        return shown, "one seed: no verdict"
     if kind == "similar_to":
         return shown, "holds" if abs(d) <= spread else "does not"
     if abs(d) <= spread:

@@ -355,3 +355,14 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_one_seed_gives_no_verdict():
+    # one seed has no spread: the unpaired rule would call any difference "holds" (spread 0.00)
+    grid = study.Grid("g", "digits", 1, UNPAIRED_ROWS)
+    st = _state({"rand": [70], "a": [79], "b": [77], "c": [80], "d": [77.5]})
+    for name in ("a", "c", "d"):
+        assert study.verdict(grid, st, grid.row(name))[1] == "one seed: no verdict"
+    st = _state({"rand": [70, 71], "a": [79, 80], "b": [77], "c": [60, 61], "d": [77.5, 78]})
+    assert study.verdict(grid, st, grid.row("a"))[1] == "one seed: no verdict"  # b has one seed
+    assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # two seeds each: the unpaired rule
