@@ -51,13 +51,15 @@ def _interrupt_at(monkeypatch, step: int, sig: int):
     return lambda: monkeypatch.setattr(BYOL, "update_target", original)
 
 
-@pytest.mark.parametrize("stop_step, sig, workers, batched",
-                         [(3, signal.SIGUSR1, 1, False), (3, signal.SIGUSR1, 0, True), (5, signal.SIGTERM, 0, True)],
+@pytest.mark.parametrize("stop_step, sig, workers, batched, channels_last",
+                         [(3, signal.SIGUSR1, 1, False, False), (3, signal.SIGUSR1, 0, True, False),
+                          (5, signal.SIGTERM, 0, True, False), (3, signal.SIGUSR1, 0, True, True)],
                          ids=["mid-epoch-SIGUSR1-per-sample-workers", "mid-epoch-SIGUSR1-batched",
-                              "epoch-end-SIGTERM-batched"])
+                              "epoch-end-SIGTERM-batched", "mid-epoch-SIGUSR1-batched-channels_last"])
 def test_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatch, run_pretrain, read_metrics,
-                                               stop_step, sig, workers, batched):
-    run = [*RUN, f"aug.batched={str(batched).lower()}"]
+                                               stop_step, sig, workers, batched, channels_last):
+    # channels_last: the fashion_mnist preset's layout (NHWC weights and activations)
+    run = [*RUN, f"aug.batched={str(batched).lower()}", f"model.channels_last={str(channels_last).lower()}"]
     batches = []  # the batched path (in-memory digits, views made per batch) runs when asked for
     iterate = data.BatchedViews.__iter__
     monkeypatch.setattr(data.BatchedViews, "__iter__", lambda self: batches.append(1) or iterate(self))
@@ -79,6 +81,8 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatch, run_pretra
     b = torch.load(out / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "probe", "probe_optimizer", "diagnostics", "last_eval", "step"):
         _assert_same_state(a[key], b[key], key)
+    conv = next(v for v in a["model"].values() if v.dim() == 4 and v.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last  # the layout asked for ran
     # predictor state (F̂, W_p, counters) is inside "model"
     assert torch.equal(a["model"]["predictor.corr"], b["model"]["predictor.corr"])
     assert _strip(read_metrics(ref)) == _strip(read_metrics(out))
