@@ -147,6 +147,36 @@ def test_isoloss_with_a_direct_predictor_per_view_and_concatenated(power, eps):
             assert np.abs(g.numpy() - r).max() < TOL
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_isoloss_with_partitions_uses_each_samples_own_w(training):
+    """Partitions (Sec. 4): sample i is predicted by its own W_i, the mean of the half-space
+    predictors it falls in. IsoLoss's gradient for z_i is the published formula with that W_i and
+    W_i^(1/2) (float64 square root), W_i read off the predictor's Jacobian at z_i."""
+    torch.manual_seed(1)
+    d, n, k = 12, 10, 3
+    pred = fastpred.DirectPredictor(d, rho=0.5, eps=0.1, partitions=k).double()
+    for _ in range(3):  # F per half-space and the thresholds from a few batches
+        pred(torch.randn(64, d, dtype=torch.float64) * torch.linspace(0.1, 2, d, dtype=torch.float64))
+    pred.train(training)
+    z, t = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    if training:  # a training call folds its batch when not attached: freeze the state it predicts with
+        pred.attach()
+    jac = torch.autograd.functional.jacobian(lambda x: pred(x), z)  # (n, d, n, d): p_i = W_i z_i
+    ws = [jac[i, :, i, :].T.numpy() for i in range(n)]  # row convention: p_i = z_i @ W_i
+    off_diagonal = jac.clone()
+    off_diagonal[range(n), :, range(n), :] = 0
+    assert off_diagonal.abs().max().item() == 0  # the threshold split is not differentiated
+    assert len({w.round(decimals=12).tobytes() for w in ws}) > 1  # the samples use different W_i
+    zz = z.clone().requires_grad_()
+    isoloss(zz, pred(zz), t).backward()
+    for i, w in enumerate(ws):
+        s, u = np.linalg.eigh((w + w.T) / 2)
+        assert np.abs(w - w.T).max() < 1e-12 and s.min() > 0
+        wsqrt = (u * np.sqrt(s)) @ u.T
+        ref = published_grad_autograd(z.numpy(), t.numpy(), w, wsqrt, "cosine")[i]  # rows are independent
+        assert np.abs(zz.grad[i].numpy() - ref).max() < TOL
+
+
 # ----------------------------------------------------------------------------- values and graph
 
 

@@ -90,16 +90,20 @@ def test_run_start_line_names_the_loss(tmp_path, capsys, run_pretrain):
 RUN = ["epochs=2", "batch_size=256", "ckpt.every_steps=4", "ckpt.keep=3", "log_every=2", "loss.name=isoloss"]
 
 
-def test_isoloss_run_resumes_bit_identical_and_saves_its_config(tmp_path, monkeypatch, run_pretrain, read_metrics):
+@pytest.mark.parametrize("partitions", [0, 2])
+def test_isoloss_run_resumes_bit_identical_and_saves_its_config(tmp_path, monkeypatch, run_pretrain, read_metrics,
+                                                                partitions):
+    run = [*RUN, f"predictor.partitions={partitions}"]  # partitions: W_p per half-space, still set from F
     ref = tmp_path / "ref"
-    run_pretrain(ref, None, *RUN)
+    run_pretrain(ref, None, *run)
     out = tmp_path / "resumed"
     restore = _interrupt_at(monkeypatch, 3, signal.SIGUSR1)
-    run_pretrain(out, None, *RUN)
+    run_pretrain(out, None, *run)
     restore()
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 3 and state["config"]["loss"] == {"name": "isoloss", "form": "cosine"}
-    run_pretrain(out, None, *RUN)
+    assert state["model"]["predictor.weight"].shape[0] == (2 * partitions or 64)
+    run_pretrain(out, None, *run)
     a = torch.load(ref / "last.pt", weights_only=True)
     b = torch.load(out / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "last_eval", "step"):
