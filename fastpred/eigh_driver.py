@@ -47,6 +47,8 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import numpy as np
 
+from ._stack import user_stacklevel
+
 INT32_MAX = 2**31 - 1
 
 Array = Any  # an array of the ArrayOps' library (torch.Tensor, numpy.ndarray)
@@ -317,7 +319,7 @@ class EighDriver:
         self._disabled[solver.name, n, dtype] = reason
         self.stats.disabled[f"{solver.name}/n={n}/{_dtype_name(dtype)}"] = reason
         warnings.warn(f"fastpred GPU eigh: {solver.name} failed for n={n} ({reason}); "
-                      "using the next solver from now on", RuntimeWarning, stacklevel=4)
+                      "using the next solver from now on", RuntimeWarning, stacklevel=user_stacklevel())
 
     # ---------------------------------------------------------- info checks
     def _track(self, info: Array, n: int, dtype: Any, solvers: tuple[str, ...]) -> None:
@@ -349,7 +351,7 @@ class EighDriver:
             return
         message = ("fastpred GPU eigh: cuSOLVER reported failure (found after the call; its eigenvalues "
                    "were NaN): " + "; ".join(found) + ". That size is decomposed in float64 from now on.")
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _dtype_name(dtype: Any) -> str:

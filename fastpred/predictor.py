@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 import weakref
 from typing import Callable
@@ -15,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends, functional, solvers
+from ._stack import user_stacklevel
 from .backends import Backend
 from .eig_map import EigMap
 from .eigh import EighError
@@ -412,7 +411,7 @@ class DirectPredictor(nn.Module):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+            warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
     def _warn_new_skips(self) -> None:
         skipped = int(self.num_skipped)
@@ -421,7 +420,7 @@ class DirectPredictor(nn.Module):
                 f"DirectPredictor: {skipped - self._skips_warned} batch(es) with non-finite or "
                 f"huge features were skipped (F unchanged); {skipped} in total",
                 RuntimeWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
             self._skips_warned = skipped
 
@@ -460,14 +459,14 @@ class DirectPredictor(nn.Module):
         self.num_eigh_failures += ~ok
         if weight.device.type == "cpu" and not ok:  # reading a CPU tensor is free
             warnings.warn("DirectPredictor: the rebuilt W_p is not finite; keeping the previous W_p",
-                          RuntimeWarning, stacklevel=_user_stacklevel())
+                          RuntimeWarning, stacklevel=user_stacklevel())
         return ok
 
     def _record_eigh_failure(self, err: Exception) -> bool:
         """Count an eigensolver failure (W_p is left as it was) and warn."""
         self.num_eigh_failures += 1
         warnings.warn(f"DirectPredictor: {err}; keeping the previous W_p", RuntimeWarning,
-                      stacklevel=_user_stacklevel())
+                      stacklevel=user_stacklevel())
         return False
 
     @torch.no_grad()
@@ -582,20 +581,6 @@ def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) ->
     if not predictors and _global_hook is not None:  # every per-call predictor is gone
         _global_hook.remove()
         _global_hook = None
-
-
-# Frames of these directories are not the user's code (fastpred, torch's optimizer hooks,
-# nn.Module.__call__, torch.compile's eval_frame, the no_grad wrappers).
-_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a ``warnings.warn`` issued by the caller point at
-    the first frame outside fastpred and torch: the user's call or ``optimizer.step()``."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _after_load(module: DirectPredictor, incompatible_keys) -> None:

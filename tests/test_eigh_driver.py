@@ -221,8 +221,9 @@ def test_a_refusing_solver_is_disabled_with_a_warning_and_the_next_takes_over():
     jacobi, single = FakeRoutine("jacobi", batched=True, max_n=32), FakeRoutine("single")
     driver = driver_with(broken, jacobi, single)
     a = sym(10, (4,))
-    with pytest.warns(RuntimeWarning, match="batched failed"):
+    with pytest.warns(RuntimeWarning, match="batched failed") as record:
         w, u = driver.eigh(a)
+    assert [r.filename for r in record] == [__file__]  # points at the caller's line, not the driver
     assert_eigh(a, w, u)
     assert jacobi.calls and "batched/n=10/float32" in driver.stats.disabled
     with warnings.catch_warnings():
@@ -280,8 +281,9 @@ def test_failure_is_reported_by_a_later_call_without_waiting():
         warnings.simplefilter("error")
         driver.eigh(sym(5))  # poll 1: copy not landed
         driver.eigh(sym(5))  # poll 2: not yet
-    with pytest.warns(RuntimeWarning, match=r"call 1 .*n=5, float32.*matrix 0: info=7"):
+    with pytest.warns(RuntimeWarning, match=r"call 1 .*n=5, float32.*matrix 0: info=7") as record:
         w, u = driver.eigh(sym(5))  # poll 3: landed, reported here; this call is fine
+    assert [r.filename for r in record] == [__file__]
     assert_eigh(sym(5), w, u)
     assert len(driver.stats.failures) == 1
     # from now on this size runs in float64; results still come back float32

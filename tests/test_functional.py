@@ -188,8 +188,9 @@ def test_auto_falls_back_to_reference_when_a_fast_step_breaks(monkeypatch):
     monkeypatch.setattr(b, "_auto_choice", lambda device: {s: ("csrc" if s == "corr_ema_" else "torch") for s in b.STEPS})
     monkeypatch.setattr(b, "_resolved", {})
     corr, x = torch.zeros(4, 4), torch.randn(10, 4)
-    with pytest.warns(RuntimeWarning, match="kernel did not compile"):
+    with pytest.warns(RuntimeWarning, match="kernel did not compile") as record:
         F.corr_ema_(corr, x, 0.3, first=True)
+    assert [r.filename for r in record] == [__file__]  # the user's line, not fastpred's
     torch.testing.assert_close(corr, x.T @ x / 10)
     with pytest.raises(RuntimeError, match="kernel did not compile"):
         F.corr_ema_(corr, x, 0.3, backend="csrc")  # asked for by name: no fallback

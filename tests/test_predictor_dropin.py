@@ -121,21 +121,26 @@ def test_per_view_calls_without_attach_backpropagate_through_the_weight_each_cal
     pred = DirectPredictor(d, backend="torch", **kwargs)
     opt = torch.optim.SGD(pred.parameters(), lr=0.05)
     rebuilt = 0
-    for t in range(4):
-        x1 = features(n, d, 2 * t).requires_grad_()
-        x2 = features(n, d, 2 * t + 1).requires_grad_()
-        r1, r2 = torch.randn(n, d), torch.randn(n, d)
-        opt.zero_grad()
-        y1 = pred(x1)
-        w1 = pred.weight.detach().clone()
-        y2 = pred(x2)
-        rebuilt += not torch.equal(pred.weight.detach(), w1)
-        ((y1 * r1).sum() + (y2 * r2).sum()).backward()
-        if not pred.partitions:
-            used = torch.linalg.lstsq(x1.detach().double(), y1.detach().double()).solution.T  # the W call 1 used
-            torch.testing.assert_close(x1.grad.double(), r1.double() @ used, rtol=1e-5, atol=1e-5)
-        opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(4):
+            x1 = features(n, d, 2 * t).requires_grad_()
+            x2 = features(n, d, 2 * t + 1).requires_grad_()
+            r1, r2 = torch.randn(n, d), torch.randn(n, d)
+            opt.zero_grad()
+            y1 = pred(x1)
+            w1 = pred.weight.detach().clone()
+            y2 = pred(x2)
+            rebuilt += not torch.equal(pred.weight.detach(), w1)
+            ((y1 * r1).sum() + (y2 * r2).sum()).backward()
+            if not pred.partitions:
+                used = torch.linalg.lstsq(x1.detach().double(), y1.detach().double()).solution.T  # the W call 1 used
+                torch.testing.assert_close(x1.grad.double(), r1.double() @ used, rtol=1e-5, atol=1e-5)
+            opt.step()
     assert rebuilt > 0  # the situation under test did occur
+    # the misuse (several calls per optimizer step, not attached) is named once
+    assert [w.category for w in caught if "training calls between two optimizer steps" in str(w.message)] == [
+        RuntimeWarning], [str(w.message) for w in caught]
 
 
 # ------------------------------------------------------------------ torch.compile
@@ -282,7 +287,9 @@ def test_an_empty_batch_changes_no_statistics(kwargs, attach):
     y = pred(torch.empty(0, d))
     assert y.shape == (0, d)
     if attach:
-        pred.step(), ref.step()
+        pred.step()  # its step held one (empty) training call
+        with pytest.warns(RuntimeWarning, match="no training-mode call since the last step"):
+            ref.step()  # no call at all: named, and nothing counted
     for name in ("corr", "mean", "folded", "num_skipped", "thresholds"):
         if hasattr(pred, name):
             assert torch.equal(getattr(pred, name), getattr(ref, name)), name

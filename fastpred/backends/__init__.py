@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from . import reference
+from .._stack import user_stacklevel
 
 STEPS = ("gram", "corr_ema_", "eigh", "rebuild")
 
@@ -194,7 +195,7 @@ def _falling_back(fast: Callable, ref: Callable, label: str) -> Callable:
                 raise err from None
             state["broken"] = True
             warnings.warn(f"fastpred: {label} failed ({type(err).__name__}: {err}); "
-                          "using the torch reference for it from now on", RuntimeWarning, stacklevel=3)
+                          "using the torch reference for it from now on", RuntimeWarning, stacklevel=user_stacklevel())
             return result
 
     return step
