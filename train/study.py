@@ -9,9 +9,10 @@ trains (``set``: ``key=value`` overrides of the preset, after the grid's; run as
 ``reference`` evaluated without pre-training (``random_init`` or ``raw_pixels``). A row may carry
 the paper's number (``paper``) and direction (``expect``), against which each row gets a verdict.
 
-Every (row, seed) runs in its own subprocess, one at a time, in ``OUT/runs/<row>/seed<k>/`` and in
-seed-major order (seed 0 of every row, then seed 1, ...), so that a study stopped part-way holds
-the same seeds for every row and each claim can still be compared seed by seed. After each run ``OUT/study.json``,
+Every (row, seed) runs in its own subprocess, in ``OUT/runs/<row>/seed<k>/`` and in seed-major order
+(seed 0 of every row, then seed 1, ...), so that a study stopped part-way holds the same seeds for
+every row and each claim can still be compared seed by seed. ``--jobs N`` runs N of them at a time
+(taken in that order); a run's result does not depend on N, its recorded wall time does. After each run ``OUT/study.json``,
 ``OUT/study.md`` and ``OUT/study.png`` are rewritten. The study is resumable: a finished run is never
 redone, a run cut short resumes from its own checkpoint, and a grid whose runs would now be configured
 differently from the recorded ones is refused, naming the difference. SIGTERM / SIGINT stop after the
@@ -36,6 +37,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,18 +287,26 @@ def wait_for_folder(run_dir: Path, timeout: float = 120.0) -> None:
 
 
 class Runner:
-    """Runs commands one at a time; forwards SIGTERM / SIGINT to the running one and remembers it."""
+    """Runs commands, one per calling thread (several at once under ``--jobs``); forwards SIGTERM /
+    SIGINT to the running ones and remembers it."""
 
     def __init__(self) -> None:
-        self.child: subprocess.Popen | None = None
+        self.children: set[subprocess.Popen] = set()
         self.stopping = False
+        self._lock = threading.RLock()  # re-entrant: the signal handler may interrupt its own thread
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Start no new command; SIGTERM the running ones (the trainer saves a checkpoint and exits 0)."""
         self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits 0
+        with self._lock:
+            for child in self.children:
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
 
     def __call__(self, cmd: list[str], log_path: Path) -> None:
         if self.stopping:
@@ -308,13 +318,16 @@ class Runner:
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            self.child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          start_new_session=True,  # Ctrl-C reaches it only through us
-                                          preexec_fn=_die_with_parent)
-            if self.stopping:  # the signal came while it was starting
-                self.child.send_signal(signal.SIGTERM)
-            rc = self.child.wait()
-            self.child = None
+            with self._lock:
+                child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True,  # Ctrl-C reaches it only through us
+                                         preexec_fn=_die_with_parent)
+                self.children.add(child)
+                if self.stopping:  # the signal came while it was starting
+                    child.send_signal(signal.SIGTERM)
+            rc = child.wait()
+            with self._lock:
+                self.children.discard(child)
         if self.stopping:
             raise Stop()
         if rc < 0:
@@ -513,7 +526,8 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
     lines = [f"# Study `{grid.name}`: the paper's ablations on `{grid.preset}`", "",
              f"Reproduce: `{command}` (resumable; finished runs are kept).", "",
              f"State: {len(done)} of {total} runs finished ({seeds} seeds per row), "
-             f"{wall / 3600:.2f} h of run wall time so far. Machine: {state.get('machine', machine())}.", "",
+             f"{wall / 3600:.2f} h of run wall time so far{_concurrency(done)}. "
+             f"Machine: {state.get('machine', machine())}.", "",
              f"Recipe (preset `{grid.preset}`" + "".join(f", {o}" for o in grid.set) + ", frozen before the study): "
              f"{cfg.model.arch} backbone, projector "
              f"{cfg.model.proj_hidden} -> {cfg.model.proj_dim}, {cfg.epochs} epochs on "
@@ -572,6 +586,15 @@ def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -
     plot(grid, state, out / "study.png")
 
 
+def _concurrency(done: list[dict]) -> str:
+    """How many runs shared the machine (``--jobs``), when some did: their wall times are longer."""
+    shared = sorted({r["jobs"] for r in done if r.get("jobs", 1) > 1})
+    if not shared:
+        return ""
+    n = sum(r.get("jobs", 1) > 1 for r in done)
+    return f" ({n} of these runs ran {' or '.join(map(str, shared))} at a time, `--jobs`: each one's wall time is that of a shared machine)"
+
+
 def plot(grid: Grid, state: dict, path: Path) -> None:
     import matplotlib
 
@@ -623,16 +646,18 @@ def eta(state: dict, todo: list[tuple[Row, int]]) -> float:
     return sum(mean[bool(row.reference)] for row, _ in todo)
 
 
-def main(grid_name: str, out: str | Path, seeds: int | None = None) -> dict:
-    """Run (or continue) the study; returns its state (the content of study.json)."""
+def main(grid_name: str, out: str | Path, seeds: int | None = None, jobs: int = 1) -> dict:
+    """Run (or continue) the study, ``jobs`` runs at a time; returns its state (the content of study.json)."""
     grid = load_grid(grid_name)
     seeds = grid.seeds if seeds is None else seeds
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: expected at least 1")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: expected a whole number >= 1")
     out = Path(out)
     lock = lock_study(out)
     try:
-        return _run(grid, grid_name, out, seeds)
+        return _run(grid, grid_name, out, seeds, jobs)
     finally:
         lock.close()
 
@@ -646,7 +671,7 @@ def lock_study(out: Path):
     return checkpoint.lock_folder(out, ".study.lock", "study")
 
 
-def _run(grid: Grid, grid_name: str, out: Path, seeds: int) -> dict:
+def _run(grid: Grid, grid_name: str, out: Path, seeds: int, jobs: int = 1) -> dict:
     state = load_state(out, grid)
     state.update(grid=grid.name, preset=grid.preset, machine=machine())
     command = f"python -m train.study --grid {grid_name} --out {out} --seeds {seeds}"
@@ -654,10 +679,14 @@ def _run(grid: Grid, grid_name: str, out: Path, seeds: int) -> dict:
     todo = [(row, s) for row, s in plan(grid, seeds) if run_key(row, s) not in state["runs"]]
     total = len(plan(grid, seeds))
     print(f"study {grid.name}: {total} runs ({len(grid.rows)} rows x {seeds} seeds), "
-          f"{total - len(todo)} already done, results in {out}/study.md", flush=True)
+          f"{total - len(todo)} already done, {jobs} at a time, results in {out}/study.md", flush=True)
     save_state(out, state)
     write_report(grid, state, out, seeds, command)
-    for i, (row, seed) in enumerate(todo):
+    queue = iter(todo)  # taken in plan order (seed-major), whatever the number of jobs
+    lock = threading.Lock()  # guards queue, state and the report files
+
+    def run_one(row: Row, seed: int) -> bool:
+        """Run and record (row, seed); False when the study was asked to stop."""
         key = run_key(row, seed)
         run_dir = out / "runs" / row.name / f"seed{seed}"
         spent = run_dir / "wall_s_before_stop.txt"  # time spent by earlier, interrupted attempts
@@ -671,26 +700,56 @@ def _run(grid: Grid, grid_name: str, out: Path, seeds: int) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             spent.write_text(str(earlier + time.perf_counter() - t0))
             print(f"stopped before finishing {key}; re-run the same command to continue", flush=True)
-            break
+            return False
         except Killed as e:  # not a result: left unrecorded, the next invocation resumes it
             spent.write_text(str(earlier + time.perf_counter() - t0))
             print(f"[{key}] not recorded, {e}; the next run of the same command resumes it", flush=True)
-            continue
+            return True
         except RuntimeError as e:  # the run itself failed (e.g. diverged): a result, recorded
             rec["error"] = str(e)
         rec["wall_s"] = earlier + time.perf_counter() - t0
+        if jobs > 1:
+            rec["jobs"] = jobs  # its wall time is that of one of `jobs` concurrent runs
         if earlier:
             rec["resumed"] = True
         rec["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        state["runs"][key] = rec
-        save_state(out, state)
-        write_report(grid, state, out, seeds, command)
-        left = eta(state, todo[i + 1:])
+        with lock:
+            state["runs"][key] = rec
+            save_state(out, state)
+            write_report(grid, state, out, seeds, command)
+            left = [(r, s) for r, s in todo if run_key(r, s) not in state["runs"]]
+            eta_s = eta(state, left) / max(1, min(jobs, len(left)))
         m = rec.get("metrics") or {}
         result = (f"linear top-1 {m['linear_top1']:.2f}%  erank {m['erank']:.1f}" if m
                   else f"FAILED: {rec['error']}")
-        print(f"[{total - len(todo) + i + 1}/{total}] {key}: {result}  ({rec['wall_s']:.0f} s)  "
-              f"ETA {_duration(left) if math.isfinite(left) else '?'} for {len(todo) - i - 1} runs", flush=True)
+        print(f"[{total - len(left)}/{total}] {key}: {result}  ({rec['wall_s']:.0f} s)  "
+              f"ETA {_duration(eta_s) if math.isfinite(eta_s) else '?'} for {len(left)} runs", flush=True)
+        return True
+
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            while not runner.stopping:
+                with lock:
+                    item = next(queue, None)
+                if item is None or not run_one(*item):
+                    return
+        except BaseException as e:  # noqa: BLE001 - raised again below, after the other runs stopped
+            errors.append(e)
+            runner.stop()
+
+    if jobs == 1:
+        worker()
+    else:
+        threads = [threading.Thread(target=worker, name=f"study-job-{i}") for i in range(min(jobs, len(todo)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # a timed join keeps the main thread free for SIGTERM / SIGINT
+                t.join(0.2)
+    if errors:
+        raise errors[0]
     return state
 
 
@@ -699,12 +758,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", required=True, help="grid name in train/configs/grids/ or a YAML file")
     p.add_argument("--out", required=True, help="folder for study.json, study.md, study.png and runs/")
     p.add_argument("--seeds", type=int, default=None, help="seeds per row (default: the grid's)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process with one intra-op thread (default 1)")
     return p
 
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
-        main(args.grid, args.out, args.seeds)
+        main(args.grid, args.out, args.seeds, args.jobs)
     except ConfigError as e:
         sys.exit(f"error: {e}")

@@ -366,3 +366,65 @@ def test_one_seed_gives_no_verdict():
     st = _state({"rand": [70, 71], "a": [79, 80], "b": [77], "c": [60, 61], "d": [77.5, 78]})
     assert study.verdict(grid, st, grid.row("a"))[1] == "one seed: no verdict"  # b has one seed
     assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # two seeds each: the unpaired rule
+
+
+# ----------------------------------------------------------------------------- --jobs: several runs at a time
+
+
+def _rows_grid(path: Path, names: list[str], seeds: int = 1) -> Path:
+    rows = [{"name": n, "set": {**FAST, "optim.lr": 0.05 + 0.01 * i}} for i, n in enumerate(names)]
+    path.write_text(json.dumps({"preset": "digits", "seeds": seeds, "rows": rows}))
+    return path
+
+
+def test_jobs_run_that_many_at_a_time_in_plan_order(tmp_path, monkeypatch):
+    grid, out = _rows_grid(tmp_path / "g.yaml", ["a", "b", "c"], seeds=2), tmp_path / "out"
+    spans, started = [], []
+
+    def timed(grid, row, seed, run_dir, runner):  # a stand-in run: a child process that sleeps 0.5 s
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started.append(study.run_key(row, seed))
+        t0 = time.monotonic()
+        runner([sys.executable, "-c", "import time; time.sleep(0.5)"], run_dir / "log.txt")
+        spans.append((t0, time.monotonic()))
+        return {"linear_top1": 50.0, "linear_top5": 90.0, "linear_lr": 0.1, "erank": 3.0}
+
+    monkeypatch.setattr(study, "execute", timed)
+    state = study.main(str(grid), out, jobs=2)
+    plan = [study.run_key(r, s) for r, s in study.plan(study.load_grid(str(grid)), 2)]
+    assert sorted(state["runs"]) == sorted(plan)
+    # taken in the seed-major order, two at a time (the two of a pair start in either order)
+    assert [set(started[i:i + 2]) for i in (0, 2, 4)] == [set(plan[i:i + 2]) for i in (0, 2, 4)], started
+    most = max(sum(a < t < b for a, b in spans) for t in (a + 1e-6 for a, _ in spans))
+    assert most == 2  # two at a time, never three
+    assert all(r["jobs"] == 2 for r in state["runs"].values())
+    assert "6 of these runs ran 2 at a time" in (out / "study.md").read_text()
+    with pytest.raises(ConfigError, match="--jobs 0: expected a whole number >= 1"):
+        study.main(str(grid), out, jobs=0)
+
+
+def test_jobs_stop_resume_and_give_the_results_of_one_at_a_time(tmp_path):
+    """SIGTERM stops both running trainers (each saves its checkpoint); the same command resumes
+    them, and every metric equals that of the same runs made one at a time, uninterrupted."""
+    grid = _rows_grid(tmp_path / "g.yaml", ["a", "b"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "train.study", "--grid", str(grid), "--out", str(tmp_path / "jobs"), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    logs = [tmp_path / "jobs" / "runs" / r / "seed0" / "log.txt" for r in ("a", "b")]
+    deadline = time.time() + 120
+    while not all(p.exists() for p in logs) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text
+    assert "stopped before finishing a/seed0" in text and "stopped before finishing b/seed0" in text, text
+    assert json.loads((tmp_path / "jobs" / "study.json").read_text())["runs"] == {}
+
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    together = json.loads((tmp_path / "jobs" / "study.json").read_text())["runs"]
+    alone = study.main(str(grid), tmp_path / "alone")["runs"]
+    assert sorted(together) == sorted(alone) == ["a/seed0", "b/seed0"]
+    for key in alone:
+        assert together[key]["resumed"] and together[key]["jobs"] == 2 and "jobs" not in alone[key]
+        assert together[key]["metrics"] == alone[key]["metrics"], key
