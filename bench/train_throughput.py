@@ -3,16 +3,19 @@ views made per sample in the loader (``aug.batched=false``) and for the whole ba
 training device (``aug.batched=true``), side by side in one run.
 
     python -m bench.train_throughput [--configs fashion_mnist cifar10_r18] [--steps 5] [--rounds 5]
-                                     [--workers 0] [--device cpu] [--json FILE]
+                                     [--layouts preset|nchw|nhwc ...] [--workers 0] [--device cpu]
+                                     [--json FILE]
 
 Each preset trains on synthetic in-memory uint8 images of its dataset's shape (random pixels:
 the cost of the views and of the step does not depend on the content), through the trainer's own
 pieces: :class:`train.data.Views` in a DataLoader on a :class:`train.data.ResumableSampler`, or
-:class:`train.data.BatchedViews`; then :func:`train.pretrain.train_step`. Both pipelines start
-from the same weights. Rounds alternate the two, rotating which goes first; images/s are medians
-over rounds, and the speed-up is the median over rounds of each round's ratio (the two pipelines
-ran back to back in it), so a burst of load on a shared machine hits both alike. A second pair of
-columns times the views alone (the data path without the step).
+:class:`train.data.BatchedViews`; then :func:`train.pretrain.train_step`. Every pipeline starts
+from the same weights. ``--layouts nchw nhwc`` also times both memory layouts of the network
+(``model.channels_last``), each with both pipelines. Rounds run every (pipeline, layout) once,
+rotating which goes first; images/s are medians over rounds, and a speed-up is the median over
+rounds of each round's ratio (the two ran in the same round), so a burst of load on a shared
+machine hits both alike. A second pair of columns times the views alone (the data path without
+the step).
 """
 
 from __future__ import annotations
@@ -65,63 +68,89 @@ def loaders(preset: str, overrides: list[str], batch: int, workers: int, device:
     return cfg, sampler, {"per_sample": per_sample, "batched": batched}
 
 
+LAYOUTS = {"nchw": False, "nhwc": True}  # model.channels_last
+
+
 def measure(preset: str, overrides: list[str], batch: int, steps: int, rounds: int, workers: int,
-            device: torch.device) -> dict:
-    """images/s per pipeline (median over rounds) of ``steps`` training steps and of their views alone."""
+            device: torch.device, layouts: tuple[str, ...] = ("preset",)) -> dict:
+    """images/s per (pipeline, layout) (median over rounds) of ``steps`` training steps and of their
+    views alone; the speed-ups of the batched pipeline and, with two layouts, of NHWC."""
     cfg, sampler, pipes = loaders(preset, overrides, batch, workers, device, n=batch * (steps + 1))
-    models = {p: build(preset, overrides, "directpred", batch, device) for p in PIPELINES}
-    learners = {p: Learner(bare=m[0], model=m[0], optimizer=m[1], scheduler=m[2], scaler=m[3], dtype=m[4])
-                for p, m in models.items()}
+    chosen = {lay: (cfg.model.channels_last if lay == "preset" else LAYOUTS[lay]) for lay in layouts}
+    combos = [(p, lay) for lay in layouts for p in PIPELINES]
+    learners = {}
+    for p, lay in combos:
+        m = build(preset, [*overrides, f"model.channels_last={str(chosen[lay]).lower()}"], "directpred", batch, device)
+        learners[p, lay] = Learner(bare=m[0], model=m[0], optimizer=m[1], scheduler=m[2], scaler=m[3], dtype=m[4])
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def run(p: str, epoch: int, step: bool) -> float:
+    def run(p: str, lay: str, epoch: int, step: bool) -> float:
         sampler.set_epoch(epoch)
-        learners[p].model.train()
+        learners[p, lay].model.train()
         sync()
         t0 = time.perf_counter()
         for k, (v1, v2, labels, _) in enumerate(pipes[p]):
             if k == steps:
                 break
             v1, v2 = (v.to(device, non_blocking=True) for v in (v1, v2))
-            if cfg.model.channels_last:
+            if chosen[lay]:
                 v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in (v1, v2))
             if step:
-                train_step(learners[p], v1, v2, None, 0.99)
+                train_step(learners[p, lay], v1, v2, None, 0.99)
         sync()
         return batch * steps / (time.perf_counter() - t0)
 
-    for p in PIPELINES:  # warm-up: allocator, thread pools, first eigendecomposition
-        run(p, 0, True)
-    rates: dict[str, dict[str, list[float]]] = {p: {"step": [], "views": []} for p in PIPELINES}
+    for p, lay in combos:  # warm-up: allocator, thread pools, first eigendecomposition
+        run(p, lay, 0, True)
+    rates = {f"{p}/{lay}": {"step": [], "views": []} for p, lay in combos}
     for r in range(rounds):
-        for p in (PIPELINES if r % 2 == 0 else PIPELINES[::-1]):
-            rates[p]["step"].append(run(p, r + 1, True))
-            rates[p]["views"].append(run(p, r + 1, False))
-    med = {p: {k: statistics.median(v) for k, v in rates[p].items()} for p in PIPELINES}
-    return {"config": preset, "batch_size": batch, "image_size": cfg.data.image_size, "steps": steps,
-            "rounds": rounds, "workers": workers, "device": str(device), "threads": torch.get_num_threads(),
-            "images_per_s": med, "rounds_images_per_s": rates,
-            # paired: each round's ratio (the two ran back to back), then the median over rounds
-            "speedup": statistics.median(b / a for a, b in zip(rates["per_sample"]["step"], rates["batched"]["step"]))}
+        k = r % len(combos)
+        for p, lay in combos[k:] + combos[:k]:
+            rates[f"{p}/{lay}"]["step"].append(run(p, lay, r + 1, True))
+            if lay == layouts[0]:  # the views do not depend on the network's layout
+                rates[f"{p}/{lay}"]["views"].append(run(p, lay, r + 1, False))
+    med = {c: {k: statistics.median(v) for k, v in x.items() if v} for c, x in rates.items()}
+
+    def paired(a: str, b: str) -> float:
+        """Median over rounds of b's images/s over a's in the same round."""
+        return statistics.median(y / x for x, y in zip(rates[a]["step"], rates[b]["step"]))
+
+    speedup = {lay: paired(f"per_sample/{lay}", f"batched/{lay}") for lay in layouts}
+    res = {"config": preset, "batch_size": batch, "image_size": cfg.data.image_size, "steps": steps,
+           "rounds": rounds, "workers": workers, "device": str(device), "threads": torch.get_num_threads(),
+           "channels_last": chosen, "images_per_s": med, "rounds_images_per_s": rates,
+           "speedup_batched": speedup}  # per layout: batched over per-sample views, same round
+    if {"nchw", "nhwc"} <= set(layouts):
+        res["speedup_nhwc"] = paired("batched/nchw", "batched/nhwc")  # the step alone, batched views
+        res["speedup_end_to_end"] = paired("per_sample/nchw", "batched/nhwc")
+    return res
 
 
 def main(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     results = []
     print(f"images/s, synthetic in-memory data, {device}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} alternating rounds x {args.steps} steps")
-    print(f"  {'preset':<16}{'batch':>6}{'per-sample step':>17}{'batched step':>14}{'speed-up':>10}"
+          f"median of {args.rounds} rotating rounds x {args.steps} steps")
+    print(f"  {'preset':<16}{'layout':>8}{'batch':>6}{'per-sample step':>17}{'batched step':>14}{'speed-up':>10}"
           f"{'per-sample views':>18}{'batched views':>15}")
     for preset in args.configs:
         cfg = load_config(preset, args.overrides)
         batch = args.batch_size or cfg.batch_size
-        res = measure(preset, args.overrides, batch, args.steps, args.rounds, args.workers, device)
+        res = measure(preset, args.overrides, batch, args.steps, args.rounds, args.workers, device,
+                      tuple(args.layouts))
         m = res["images_per_s"]
-        print(f"  {preset:<16}{batch:>6}{m['per_sample']['step']:>17.0f}{m['batched']['step']:>14.0f}"
-              f"{res['speedup']:>9.2f}x{m['per_sample']['views']:>18.0f}{m['batched']['views']:>15.0f}", flush=True)
+        for lay in args.layouts:
+            name = lay if lay != "preset" else ("nhwc" if res["channels_last"][lay] else "nchw") + "*"
+            ps, b = m[f"per_sample/{lay}"], m[f"batched/{lay}"]
+            views = (f"{ps['views']:>18.0f}{b['views']:>15.0f}" if "views" in ps else "")
+            print(f"  {preset:<16}{name:>8}{batch:>6}{ps['step']:>17.0f}{b['step']:>14.0f}"
+                  f"{res['speedup_batched'][lay]:>9.2f}x{views}", flush=True)
+        if "speedup_nhwc" in res:
+            print(f"  {preset}: NHWC over NCHW (batched step) {res['speedup_nhwc']:.2f}x; per-sample NCHW -> "
+                  f"batched NHWC {res['speedup_end_to_end']:.2f}x", flush=True)
         results.append(res)
     if args.json:
         with open(args.json, "w") as f:
@@ -135,6 +164,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=0, help="default: each preset's")
     p.add_argument("--steps", type=int, default=5, help="training steps per pipeline per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--layouts", nargs="+", default=["preset"], choices=["preset", *LAYOUTS],
+                   help="network memory layouts to time: the preset's, nchw, nhwc (channels_last)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the per-sample pipeline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the figures to this file")
