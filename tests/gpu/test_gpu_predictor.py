@@ -1,5 +1,6 @@
-"""DirectPredictor on a CUDA device: async rebuild on the side stream, copies, attach with
-per-view calls and the keep-previous-W_p decision without host syncs (skipped without a GPU)."""
+"""DirectPredictor on each device: async rebuild (a side stream on CUDA, a worker thread on
+CPU), copies, attach with per-view calls and the keep-previous-W_p decision, each without a
+host sync on CUDA. The bodies run on CPU too (tests/devices.py), so API drift fails there."""
 import copy
 import pickle
 
@@ -7,76 +8,74 @@ import pytest
 import torch
 
 from fastpred import DirectPredictor, functional
-
-pytestmark = pytest.mark.gpu
+from tests.devices import DEVICES, generator, no_host_sync
 
 D, N = 64, 256
 
 
-def cuda_batches(k, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(N, D, device="cuda", generator=g) + 0.1 for _ in range(k)]
+def batches(device, k, seed=0):
+    g = generator(device, seed)
+    return [torch.randn(N, D, device=device, generator=g) + 0.1 for _ in range(k)]
 
 
-def no_host_sync():
-    class Guard:
-        def __enter__(self):
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-
-        def __exit__(self, *exc):
-            torch.cuda.set_sync_debug_mode("default")
-
-    return Guard()
-
-
-def require_sync_free_eigh():
+def require_sync_free_eigh(device):
     from fastpred import backends
     from fastpred.backends import reference
 
-    if backends.resolve("auto", torch.device("cuda")).eigh is reference.eigh:
+    if device == "cuda" and backends.resolve("auto", torch.device("cuda")).eigh is reference.eigh:
         pytest.skip("auto resolves eigh to torch.linalg.eigh here, which syncs (install CuPy)")
 
 
-def test_async_rebuild_on_a_side_stream_matches_synchronous_and_copies():
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_rebuild_matches_synchronous_and_copies(device):
     torch.manual_seed(0)
-    sync = DirectPredictor(D).cuda()
+    sync = DirectPredictor(D).to(device)
     torch.manual_seed(0)
-    overlap = DirectPredictor(D, async_rebuild=True).cuda()
-    for x in cuda_batches(6):
+    overlap = DirectPredictor(D, async_rebuild=True).to(device)
+    for x in batches(device, 6):
         torch.testing.assert_close(overlap(x), sync(x), rtol=1e-4, atol=1e-5)
-        # The copy of F read by the side stream must survive the main stream's later allocations.
-        torch.empty(64 * 1024 * 1024, device="cuda").fill_(float("nan"))
-    assert overlap._pending is not None
-    twin = copy.deepcopy(overlap)  # a rebuild in flight holds an event: it must not travel
+        # The copy of F read off the critical path must survive the caller's later allocations.
+        torch.empty(1024 * 1024, device=device).fill_(float("nan"))
+    assert overlap._schedule.pending is not None  # the last step's rebuild is in flight
+    twin = copy.deepcopy(overlap)  # a rebuild in flight (an event, a future) must not travel
     pickle.loads(pickle.dumps(overlap))
-    x = cuda_batches(1, seed=1)[0]
+    x = batches(device, 1, seed=1)[0]
     torch.testing.assert_close(twin(x), overlap(x), rtol=1e-5, atol=1e-6)
 
 
-def test_attached_per_view_steps_make_no_host_sync():
-    require_sync_free_eigh()
-    pred = DirectPredictor(D).cuda()
-    opt = torch.optim.SGD([torch.zeros(1, device="cuda", requires_grad=True)], lr=0.1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_attached_per_view_steps_make_no_host_sync(device):
+    require_sync_free_eigh(device)
+    pred = DirectPredictor(D).to(device)
+    opt = torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1)
     pred.attach(opt)
-    batches = cuda_batches(6)
-    for x in batches[:3]:  # first fold, first rebuild, workspaces cached
+    xs = batches(device, 6)
+    for x in xs[:3]:  # first fold, first rebuild, workspaces cached
         pred(x[: N // 2]), pred(x[N // 2:])
         opt.step()
-    with no_host_sync():
-        for x in batches[3:]:
+    with no_host_sync(device):
+        for x in xs[3:]:
             pred(x[: N // 2]), pred(x[N // 2:])
             opt.step()
     assert int(pred.num_updates) == 6 and torch.isfinite(pred.weight).all()
 
 
-def test_a_nan_rebuild_keeps_the_previous_weight_without_a_host_sync(monkeypatch):
-    pred = DirectPredictor(D).cuda()
-    batches = cuda_batches(3)
-    pred(batches[0]), pred(batches[1])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_nan_rebuild_keeps_the_previous_weight_without_a_host_sync(device, monkeypatch):
+    pred = DirectPredictor(D).to(device)
+    xs = batches(device, 3)
+    pred(xs[0]), pred(xs[1])
     kept = pred.weight.detach().clone()
-    monkeypatch.setattr(functional, "directpred_weight", lambda corr, **kw: torch.full_like(corr, float("nan")))
-    with no_host_sync():
-        pred(batches[2])  # the owed rebuild gives NaN (a GPU eigensolver's lazy failure)
+    # The module computes W_p through functional.solve_weight; a NaN result is what a GPU
+    # eigensolver's lazy failure looks like.
+    monkeypatch.setattr(functional, "solve_weight", lambda corr, *a, **kw: torch.full_like(corr, float("nan")))
+    with no_host_sync(device), pytest.warns(RuntimeWarning) if device == "cpu" else _nothing():
+        pred(xs[2])
     assert torch.equal(pred.weight.detach(), kept)
     assert int(pred.num_eigh_failures) == 1
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

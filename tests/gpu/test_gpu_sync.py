@@ -7,7 +7,8 @@ Two independent checks per backend, after warm-up steps:
   return long before the sleep ends (this also catches syncs inside cuSOLVER that
   torch cannot see).
 Then one training step is captured in a CUDA graph and its replay compared with an
-eager step.
+eager step. These are CUDA-only (marked ``gpu``); the solver tests at the end run on every
+device.
 """
 import copy
 import time
@@ -15,7 +16,7 @@ import time
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+from tests.devices import DEVICES, generator, no_host_sync
 
 DIM, N = 256, 512
 SLEEP_CYCLES = 200_000_000  # ~0.1 s of GPU time on a ~2 GHz clock
@@ -66,6 +67,7 @@ def steps(pred, x, k):
         pred(x)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", sync_free_backends())
 def test_predictor_step_makes_no_host_sync(backend):
     require_gpu_eigensolver(backend)
@@ -81,6 +83,7 @@ def test_predictor_step_makes_no_host_sync(backend):
     assert torch.isfinite(pred.weight).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", sync_free_backends())
 def test_predictor_step_does_not_block_the_host(backend):
     require_gpu_eigensolver(backend)
@@ -100,6 +103,7 @@ def test_predictor_step_does_not_block_the_host(backend):
     assert host_s < 0.5 * sleep_s, f"the host waited {host_s * 1e3:.1f} ms behind a {sleep_s * 1e3:.1f} ms GPU sleep"
 
 
+@pytest.mark.gpu
 def test_torch_backend_does_sync_which_is_why_it_is_not_the_gpu_default():
     # The contrast the two tests above rely on: torch.linalg.eigh checks info on the host.
     pred, x = predictor("torch"), torch.randn(N, DIM, device="cuda")
@@ -112,6 +116,7 @@ def test_torch_backend_does_sync_which_is_why_it_is_not_the_gpu_default():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", sync_free_backends())
 def test_one_predictor_step_is_captured_in_a_cuda_graph(backend):
     require_gpu_eigensolver(backend)
@@ -135,54 +140,51 @@ def test_one_predictor_step_is_captured_in_a_cuda_graph(backend):
     eigh_driver_of(backend).check()  # the captured solve's info, read after the replay
 
 
-def _correlation(seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(N, DIM, device="cuda", generator=g) + 0.2
+def _correlation(device, seed=0):
+    g = generator(device, seed)
+    x = torch.randn(N, DIM, device=device, generator=g) + 0.2
     return x.T @ x / N
 
 
-@pytest.mark.parametrize("backend", sync_free_backends())
-def test_directcopy_closed_form_makes_no_host_sync_and_matches_float64_eigh(backend):
+# The two solver tests below are device-generic (tests/devices.py): the same body on CPU
+# always, so that API drift fails there; the host-sync check acts on CUDA only.
+@pytest.mark.parametrize("device", DEVICES)
+def test_directcopy_closed_form_makes_no_host_sync_and_matches_float64_eigh(device):
     """power 1: W = F / s_max + eps I from the warm-started Krylov solve, no eigh of F."""
     from fastpred import functional as F
     from fastpred import solvers
 
-    require_gpu_eigensolver(backend)
-    corr = _correlation()
-    top = solvers.init_state("eigh", corr)
-    F.directpred_weight(corr, power=1.0, backend=backend, solver_state=top)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    if device == "cuda":
+        require_gpu_eigensolver("auto")
+    corr = _correlation(device)
+    top = solvers.init_state("closed_form", corr)
+    F.directpred_weight(corr, power=1.0, solver_state=top)
+    with no_host_sync(device):
         for k in range(3):
-            corr = 0.99 * corr + 0.01 * _correlation(k + 1)
-            w = F.directpred_weight(corr, power=1.0, backend=backend, solver_state=top)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+            corr = 0.99 * corr + 0.01 * _correlation(device, k + 1)
+            w = F.directpred_weight(corr, power=1.0, solver_state=top)
     s, u = torch.linalg.eigh(corr.double())
     exact = (u * (s / s[-1] + 0.1)) @ u.mT
     assert (w.double() - exact).abs().max().item() < 1e-4
 
 
-def test_warm_solver_makes_no_host_sync_at_steady_state():
-    """The refresh decision of the warm solver travels through pinned memory, one call late."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_warm_solver_makes_no_host_sync_at_steady_state(device):
+    """On CUDA the refresh decision of the warm solver travels through pinned memory, one call late."""
+    from fastpred import experimental, solvers
     from fastpred import functional as F
-    from fastpred import solvers
     from fastpred.eig_map import EigMap
 
-    require_gpu_eigensolver("auto")
-    corr = _correlation()
+    if device == "cuda":
+        require_gpu_eigensolver("auto")
+    corr = _correlation(device)
     state = solvers.init_state("warm", corr)
     F.directpred_weight(corr, solver="warm", solver_state=state)  # full eigh (no basis yet)
-    corr = 0.999 * corr + 0.001 * _correlation(1)
+    corr = 0.999 * corr + 0.001 * _correlation(device, 1)
     F.directpred_weight(corr, solver="warm", solver_state=state)  # refines, leaves its flag in flight
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync(device):
         for k in range(3):
-            corr = 0.999 * corr + 0.001 * _correlation(k + 2)
-            w, refreshed = solvers.warm_eigh_weight(corr, state, EigMap())
+            corr = 0.999 * corr + 0.001 * _correlation(device, k + 2)
+            w, refreshed = experimental.warm_eigh_weight(corr, state, EigMap())
             assert not refreshed
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(w).all()
