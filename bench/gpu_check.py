@@ -296,7 +296,7 @@ def bench_train_step(quick: bool, plan_only: bool = False) -> dict:
 
 
 def bench_eigh(dims, batches, rounds) -> list[dict]:
-    from fastpred.eigh_driver import EighDriver, TorchCudaOps
+    from fastpred.backends.eigh_driver import EighDriver, TorchCudaOps
 
     try:
         from fastpred.backends import csrc

@@ -3,7 +3,7 @@
 The one retry chain of fastpred: every eigendecomposition (the eigh path of
 :func:`fastpred.functional.directpred_weight`, the closed form's top eigenpair in
 :mod:`fastpred.solvers`, the experimental warm solver) goes through
-:func:`symmetric_eigh`. Below it a GPU backend's driver (:mod:`fastpred.eigh_driver`)
+:func:`symmetric_eigh`. Below it a GPU backend's driver (:mod:`fastpred.backends.eigh_driver`)
 only chooses which cuSOLVER routine runs a call; it retries nothing in float64 itself
 except when every float32 routine raised.
 """

@@ -24,6 +24,7 @@ from . import backends
 from .backends import reference
 from .eig_map import EigMap
 from .eigh import symmetric_eigh
+from .schedule import HostCopy
 from .solvers import top_eigenvalue
 
 
@@ -80,23 +81,8 @@ def newton_schulz_weight(corr: Tensor, top: Tensor | None, eig_map: EigMap, *, i
     return s_max.sqrt() * root + eps * s_max * eye
 
 
-class _PendingFlag:
-    """The refresh decision of a warm call on CUDA, on its way to pinned host memory."""
-
-    def __init__(self, flag: Tensor) -> None:
-        self.host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-        self.host.copy_(flag, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record(torch.cuda.current_stream(flag.device))
-
-    def read(self) -> bool:
-        if not self.event.query():  # recorded a whole call ago: normally already passed
-            self.event.synchronize()
-        return bool(self.host.any())
-
-
 # state tensor -> its last call's refresh decision in flight (CUDA only)
-_pending_flags: "weakref.WeakKeyDictionary[Tensor, _PendingFlag]" = weakref.WeakKeyDictionary()
+_pending_flags: "weakref.WeakKeyDictionary[Tensor, HostCopy]" = weakref.WeakKeyDictionary()
 
 
 def _refresh_requested(state: Tensor, flag: Tensor) -> bool:
@@ -105,8 +91,8 @@ def _refresh_requested(state: Tensor, flag: Tensor) -> bool:
     is read (a host sync) only when no call of this process left one, e.g. after a
     checkpoint was loaded."""
     pending = _pending_flags.pop(state, None)
-    if pending is not None:
-        return pending.read()
+    if pending is not None:  # recorded a whole call ago: normally landed already
+        return bool(pending.wait().any())
     return bool(flag.any())
 
 
@@ -154,7 +140,7 @@ def warm_eigh_weight(
         return reference.rebuild(s, u, eig_map), True
     if corr.is_cuda:
         flag.copy_(too_far)
-        _pending_flags[state] = _PendingFlag(flag)
+        _pending_flags[state] = HostCopy(flag)
     p = eig_map(diag)  # (..., d)
     gap = diag.unsqueeze(-1) - diag.unsqueeze(-2)  # a_i - a_j
     scale = diag.abs().amax(dim=-1, keepdim=True).unsqueeze(-1).clamp(min=1e-30)

@@ -1,4 +1,4 @@
-"""``fastpred.eigh_driver.ArrayOps`` over NumPy: host arrays whose ``info`` copies land
+"""``fastpred.backends.eigh_driver.ArrayOps`` over NumPy: host arrays whose ``info`` copies land
 at once. Lets CI replay the GPU eigensolver's driver with NumPy stand-ins for cuSOLVER."""
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""fastpred.eigh_driver with NumPy arrays and NumPy stand-ins for the cuSOLVER routines.
+"""fastpred.backends.eigh_driver with NumPy arrays and NumPy stand-ins for the cuSOLVER routines.
 
 Everything the GPU backends do around the library calls runs here: workspace
 caching, batching under the INT32 limit, the fallback chain, float64 retries and the
@@ -11,7 +11,7 @@ import pytest
 
 from numpy_ops import NumpyOps
 
-from fastpred.eigh_driver import INT32_MAX, EighDriver, Solver
+from fastpred.backends.eigh_driver import INT32_MAX, EighDriver, Solver
 
 
 # ----------------------------------------------------------------- fakes

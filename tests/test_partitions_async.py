@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastpred import DirectPredictor
-from fastpred.async_rebuild import start_rebuild
+from fastpred.schedule import start_rebuild
 from reference_numpy import directpred_weight
 
 
@@ -153,7 +153,7 @@ def test_side_stream_rebuild_tells_the_allocator_who_reads_what(monkeypatch):
     be recorded on the side stream, and W_p (made on the side stream) on the main one."""
     import contextlib
 
-    from fastpred import async_rebuild
+    from fastpred import schedule
 
     main, side = _FakeStream(), _FakeStream()
     recorded = []
@@ -162,7 +162,7 @@ def test_side_stream_rebuild_tells_the_allocator_who_reads_what(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: recorded.append((self, s)))
     corr = torch.eye(3) * 2
-    pending = async_rebuild.start_on_stream(lambda c: c.sqrt(), corr, side)
+    pending = schedule.start_on_stream(lambda c: c.sqrt(), corr, side)
     assert side.waited_for == [main]  # F is complete before the side stream reads it
     assert any(t is corr and s is side for t, s in recorded)
     assert any(t is pending.weight and s is main for t, s in recorded)

@@ -13,7 +13,7 @@ import torch
 
 import fastpred.backends
 from fastpred import DirectPredictor, functional
-from fastpred.async_rebuild import start_rebuild
+from fastpred.schedule import start_rebuild
 from reference_numpy import DirectPredNumpy
 
 
@@ -336,7 +336,7 @@ def test_a_non_finite_rebuild_keeps_the_previous_weight(monkeypatch, async_rebui
 def test_deepcopy_and_pickle_drop_what_belongs_to_this_process():
     """An async CUDA rebuild in flight holds streams and events that cannot be pickled;
     the optimizer hook belongs to the original."""
-    from fastpred.async_rebuild import StreamRebuild
+    from fastpred.schedule import StreamRebuild
 
     class Unpicklable:
         def __reduce__(self):

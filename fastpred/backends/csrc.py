@@ -4,7 +4,7 @@ CPU: ``corr_ema_`` and ``rebuild`` compute one triangle of each symmetric produc
 (BLAS on row panels) and mirror it; ``eigh`` calls LAPACK ``syevd`` directly with a
 cached workspace. CUDA (when ``_C`` was built with CUDA): ``corr_ema_`` and
 ``rebuild`` as kernels plus cuBLAS syrk, never reading the device on the host;
-``eigh`` through :mod:`fastpred.eigh_driver` with cuSOLVER ``Xsyevd`` and the batched
+``eigh`` through :mod:`fastpred.backends.eigh_driver` with cuSOLVER ``Xsyevd`` and the batched
 ``XsyevBatched`` (cached workspaces, lazy ``info`` check, no host sync per call).
 
 Each operator has a fake (meta) kernel registered next to its wrapper, so the ops
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _C  # noqa: F401  (registers torch.ops.fastpred.*)
 from ..eig_map import EigMap
-from ..eigh_driver import EighDriver, Solver, device_driver
+from .eigh_driver import EighDriver, Solver, device_driver
 
 __all__ = ["corr_ema_", "eigh", "rebuild", "supports", "eigh_driver", "built_with_cuda"]
 

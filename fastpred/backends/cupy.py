@@ -7,7 +7,7 @@ does differently from ``torch.linalg.eigh`` and ``cupy.linalg.eigh``:
 * a single matrix goes to cuSOLVER's divide-and-conquer ``Xsyevd`` through
   ``cupy_backends.cuda.libs.cusolver`` (not ``cupy.linalg.eigh``, which queries and
   allocates workspaces and copies its input on every call); the workspaces are
-  cached by :mod:`fastpred.eigh_driver`, per (solver, n, batch, dtype, stream), the
+  cached by :mod:`fastpred.backends.eigh_driver`, per (solver, n, batch, dtype, stream), the
   stream being torch's current one (a workspace in use on one stream is never
   handed to a call on another);
 * a stack goes to the batched divide-and-conquer ``XsyevBatched`` (cuSOLVER >=
@@ -15,7 +15,7 @@ does differently from ``torch.linalg.eigh`` and ``cupy.linalg.eigh``:
   Without it (an older library, or ``fastpred._C`` not built with CUDA): CuPy's
   Jacobi ``syevjBatched`` for n <= 32, then ``Xsyevd`` matrix by matrix;
 * float32 first, float64 when float32 fails; ``info`` is checked lazily, without
-  a host sync per call (see :mod:`fastpred.eigh_driver`).
+  a host sync per call (see :mod:`fastpred.backends.eigh_driver`).
 
 Zero copy, torch's stream: the cuSOLVER routines receive the device pointers of
 torch tensors (allocated by torch's caching allocator), so no array changes hands
@@ -38,7 +38,7 @@ try:
 except ImportError as err:  # the dispatch point turns this into "install fastpred[cuda]"
     raise ImportError(f"CuPy is not installed or does not load ({err})") from err
 
-from ..eigh_driver import EighDriver, Solver, device_driver
+from .eigh_driver import EighDriver, Solver, device_driver
 
 __all__ = ["eigh", "supports", "eigh_driver", "as_cupy", "as_torch"]
 

@@ -1,5 +1,5 @@
 """The GPU eigensolver: csrc's cuSOLVER binding and the CuPy backend against
-torch.linalg.eigh, through fastpred.eigh_driver (needs a GPU; skipped here).
+torch.linalg.eigh, through fastpred.backends.eigh_driver (needs a GPU; skipped here).
 
 Covers Xsyevd for single matrices, XsyevBatched for stacks (and its chunking), CuPy's
 syevjBatched and Xsyevd, float64, and the lazy info path with a failure injected
@@ -72,7 +72,7 @@ def test_solver_routing(backend):
 
 def test_batched_chunks_under_int32_limit_on_device():
     from fastpred.backends import csrc
-    from fastpred.eigh_driver import EighDriver, TorchCudaOps
+    from fastpred.backends.eigh_driver import EighDriver, TorchCudaOps
 
     if not csrc._C.has_syevd_batched():
         pytest.skip("cuSOLVER < 11.7.1: no XsyevBatched")
@@ -91,7 +91,7 @@ def test_failure_gives_nan_at_once_is_warned_later_and_sizes_move_to_float64():
     from fastpred.backends import csrc
     from fastpred.backends import triton as triton_backend
     from fastpred.eig_map import EigMap
-    from fastpred.eigh_driver import EighDriver, Solver, TorchCudaOps
+    from fastpred.backends.eigh_driver import EighDriver, Solver, TorchCudaOps
 
     real = [s for s in csrc.cuda_solvers() if not s.batched][0]
 

@@ -209,7 +209,7 @@ def test_gpu_large_batched(precision, tol):
 
 @pytest.mark.parametrize("eps_mode", ["relative", "absolute"])
 def test_nan_eigenvalue_gives_nan_weight_like_the_reference(eps_mode):
-    """A failed GPU eigendecomposition leaves NaN eigenvalues (fastpred.eigh_driver):
+    """A failed GPU eigendecomposition leaves NaN eigenvalues (fastpred.backends.eigh_driver):
     W must come out non-finite so that a finiteness check rejects it."""
     d = 40
     s, u = torch.linalg.eigh(torch.eye(d) + 0.01 * torch.ones(d, d))

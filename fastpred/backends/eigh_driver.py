@@ -47,7 +47,7 @@ from typing import Any, Callable, Hashable, Protocol, Sequence
 
 import numpy as np
 
-from ._stack import user_stacklevel
+from .._stack import user_stacklevel
 
 INT32_MAX = 2**31 - 1
 
@@ -61,8 +61,8 @@ class Pending(Protocol):
     def ready(self) -> bool:
         """Whether the copy has landed (never waits)."""
 
-    def wait(self) -> np.ndarray:
-        """The host values, waiting for the copy if needed."""
+    def wait(self) -> Any:
+        """The host values (an array NumPy reads), waiting for the copy if needed."""
 
 
 class ArrayOps(Protocol):
@@ -359,23 +359,11 @@ def _dtype_name(dtype: Any) -> str:
 
 
 # ------------------------------------------------------------------- torch
-class _TorchPending:
-    def __init__(self, host, event) -> None:
-        self._host, self._event = host, event
-
-    def ready(self) -> bool:
-        return self._event.query()
-
-    def wait(self) -> np.ndarray:
-        self._event.synchronize()
-        return self._host.numpy()
-
-
 class TorchCudaOps:
     """:class:`ArrayOps` over torch tensors on one CUDA device, on the current stream.
 
-    ``info`` goes to pinned host memory with a non-blocking copy followed by an
-    event; ``ready()`` is an event query. No call here synchronizes the host except
+    ``info`` goes to pinned host memory through :class:`fastpred.schedule.HostCopy`
+    (a non-blocking copy followed by an event; ``ready()`` is an event query). No call here synchronizes the host except
     ``Pending.wait`` (used by ``EighDriver.check`` only).
     """
 
@@ -413,14 +401,9 @@ class TorchCudaOps:
         w.masked_fill_(info.ne(0).unsqueeze(-1), float("nan"))
 
     def start_to_host(self, info):
-        torch = self._torch
-        host = torch.empty(info.shape, dtype=info.dtype, pin_memory=True)
-        stream = torch.cuda.current_stream(self.device)  # the device's stream, not the current device's
-        with torch.cuda.stream(stream):
-            host.copy_(info, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(stream)
-        return _TorchPending(host, event)
+        from ..schedule import HostCopy  # fastpred's one pinned-memory copy (its streams: a seam)
+
+        return HostCopy(info)
 
     def capturing(self):
         with self._torch.cuda.device(self.device):  # this device's current stream
