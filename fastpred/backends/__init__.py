@@ -93,8 +93,10 @@ def _available(name: str, device: torch.device) -> bool:
     return True
 
 
-def _auto_choice(device: torch.device) -> dict[str, str]:
-    """Which backend computes each step under ``backend="auto"`` on ``device``.
+def auto_choice(device_type: str, available: Callable[[str], bool]) -> dict[str, str]:
+    """Which backend computes each step under ``backend="auto"`` on a device of
+    ``device_type`` where ``available(name)`` says which backends can run: a pure
+    function, so the CUDA decisions are tested without a GPU (tests/test_fake_cuda.py).
 
     CPU (measured, ``bench/report.md``): the compiled extension (lower-triangle GEMM
     panels, LAPACK ``syevd`` with a cached workspace), faster than the reference for
@@ -112,13 +114,17 @@ def _auto_choice(device: torch.device) -> dict[str, str]:
     :func:`fastpred.backends.triton.prefers`.
     """
     def first(*names: str) -> str:
-        return next((n for n in names if n == "torch" or _available(n, device)), "torch")
+        return next((n for n in names if n == "torch" or available(n)), "torch")
 
-    if device.type == "cuda":
+    if device_type == "cuda":
         kernels = first("triton", "torch")
         return {"gram": kernels, "corr_ema_": kernels, "eigh": first("cupy", "csrc", "torch"), "rebuild": kernels}
     fast = first("csrc", "torch")
     return {"gram": "torch", "corr_ema_": fast, "eigh": fast, "rebuild": fast}
+
+
+def _auto_choice(device: torch.device) -> dict[str, str]:
+    return auto_choice(device.type, lambda name: _available(name, device))
 
 
 _resolved: dict[tuple[str, torch.device], Backend] = {}
