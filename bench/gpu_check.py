@@ -13,7 +13,10 @@ Within a time budget (``--budget-s``, default 450 s, build included):
    module for this interpreter is newer than every source and imports.
 1. Environment: GPU, torch/CUDA/cuSOLVER versions, whether fastpred._C holds CUDA
    kernels for this GPU, CuPy and Triton.
-2. ``pytest tests/gpu tests/kernels -m gpu``: every GPU test, each under a timeout
+2. The fake-CUDA tier first (``tests/test_fake_cuda.py`` and the CPU bodies of
+   ``tests/gpu``, seconds): when it fails, the check stops there, so no GPU time is
+   spent on code that fails it (dry runs included).
+   Then ``pytest tests/gpu tests/kernels -m gpu``: every GPU test, each under a timeout
    (pytest-timeout, ``--test-timeout``).
 3. Benchmarks, timed with CUDA events in interleaved rounds (medians); a case that
    would start after the budget is spent is skipped and listed as such:
@@ -35,7 +38,7 @@ Within a time budget (``--budget-s``, default 450 s, build included):
    * DirectCopy (power 1): the closed form ``F / s_max + eps I`` against the eigh path.
 4. ``report.json`` and ``report.md`` in ``--out``, written whatever failed.
 
-``--dry-run`` (no GPU needed): the build, the collection of the GPU tests, the list of
+``--dry-run`` (no GPU needed): the build, the fake-CUDA tier, the collection of the GPU tests, the list of
 the training-step benchmarks a run would take, and the report, which says that nothing
 was measured.
 
@@ -77,6 +80,8 @@ BACKEND_NAMES = ["torch", "csrc", "cupy", "triton", "auto"]
 PAPER_MAP = EigMap()  # eps 0.1, power 0.5, relative, min_eig 1e-4
 COPY_MAP = EigMap(0.1, 1.0, "relative", 1e-4)  # DirectCopy: power 1
 GPU_TEST_PATHS = ["tests/gpu", "tests/kernels"]  # where tests marked `gpu` live
+# The fake-CUDA tier and the CPU runs of the device-generic GPU tests: seconds, no GPU needed.
+FAKE_TIER_PATHS = ["tests/test_fake_cuda.py", "tests/gpu"]
 
 
 # ------------------------------------------------------------------ timing
@@ -451,6 +456,20 @@ def train_step_markdown(section: dict, dry_run: bool) -> list[str]:
     return train_step.markdown(section, dry_run)
 
 
+def run_fake_tier(out: Path) -> dict:
+    """The fake-CUDA tier (``tests/test_fake_cuda.py``) and the CPU bodies of ``tests/gpu``
+    (``-m "not gpu"``): seconds, and no GPU is spent on code that fails them."""
+    cmd = [sys.executable, "-m", "pytest", *FAKE_TIER_PATHS, "-m", "not gpu", "-q", "-x", "-p", "no:cacheprovider"]
+    print("$ " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    (out / "pytest-fake-cuda.log").write_text(log)
+    print(log[-2000:], flush=True)
+    summary = next((line for line in reversed(log.splitlines()) if line.strip()), "")
+    return {"returncode": proc.returncode, "summary": summary.strip("= "), "seconds": round(time.perf_counter() - start, 1)}
+
+
 def markdown(result: dict) -> str:
     env, lines = result["environment"], ["# fastpred GPU check", ""]
     if result.get("dry_run"):
@@ -467,6 +486,10 @@ def markdown(result: dict) -> str:
         lines += ["", f"**Stopped by an error:** {result['error']}"]
     if result.get("budget_skipped"):
         lines += ["", "Skipped when the time budget was spent: " + ", ".join(result["budget_skipped"])]
+    fake = result.get("fake_tier")
+    if fake:
+        lines += ["", "## Fake-CUDA tier (first; no GPU time is spent if it fails)", "",
+                  f"{fake['summary']} (exit status {fake['returncode']}, {fake['seconds']} s; log: pytest-fake-cuda.log)"]
     tests = result.get("tests")
     if tests and tests.get("collect_only"):
         lines += ["", "## GPU tests (collected only)", "",
@@ -536,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
             failed |= not result["build"]["ok"]
         result["environment"] = environment()
         print(json.dumps(result["environment"], indent=1), flush=True)
+        result["fake_tier"] = run_fake_tier(out)
+        if result["fake_tier"]["returncode"] != 0:
+            print("gpu-check: the fake-CUDA tier failed (pytest-fake-cuda.log); fix it before spending GPU time",
+                  file=sys.stderr)
+            return 1
         if args.dry_run:
             result["tests"] = run_gpu_tests(out, BUDGET, args.test_timeout, collect_only=True)
             failed |= result["tests"]["returncode"] != 0

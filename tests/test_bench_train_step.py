@@ -22,6 +22,7 @@ NAMES = {f"train step {c} {p}" for c in ("imagenet_r50", "cifar10_r18") for p in
 def test_dry_run_lists_the_training_step_benchmarks(tmp_path, monkeypatch):
     collected = {"returncode": 0, "collect_only": True, "counts": {"collected": 0}, "failed": [], "skipped": []}
     monkeypatch.setattr(gpu_check, "run_gpu_tests", lambda *a, **k: collected)  # no pytest subprocess here
+    monkeypatch.setattr(gpu_check, "run_fake_tier", lambda out: {"returncode": 0, "summary": "ok", "seconds": 0})
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     planned = json.loads((tmp_path / "report.json").read_text())["train_step"]["planned"]
     assert {r["benchmark"] for r in planned} == NAMES
