@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as nnf
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import backends, functional, solvers
 from ._stack import user_stacklevel
+from .attachment import Attachment, Misuse, watch
 from .backends import Backend
 from .eig_map import EigMap
 from .eigh import EighError
@@ -32,36 +31,29 @@ class DirectPredictor(nn.Module):
     correlation of the predictor's inputs (Eq. 19), ``F = U diag(s) U^T``, and
     ``W_p = U diag(p) U^T`` with ``p`` from the eigenvalue map (Eq. 18). W_p is never
     trained by gradient when ``freq == 1``; with ``freq > 1`` it is re-set every
-    ``freq`` steps and trained by the optimizer in between (Table 8).
+    ``freq`` steps and trained by the optimizer in between (Table 8). How this follows
+    the authors' code, and where it differs: docs/design.md ("The module's contract,
+    and where it comes from").
 
-    **One step path.** A module that records, steps and predicts. Every training-mode
-    call records its batch's moments (x^T x, sum of x, count) in float32, whatever
-    autocast says (:class:`~fastpred.statistics.StepStatistics`). A step then folds
-    everything recorded since the last step as ONE batch (all-reduced under DDP, a
-    non-finite step skipped on the device, the EMA of F, of the mean and of the
-    thresholds: Eq. 19) and, every ``freq`` steps, re-sets W_p from F
-    (:class:`~fastpred.schedule.RebuildSchedule`), so that the W_p used at step t+1
-    includes batch t, as in the authors' trainer. Only *when* a step ends differs:
+    **A step** folds every training-mode call since the last step into F as one batch
+    (float32 statistics whatever autocast says; all-reduced under DDP with ``sync``; a
+    non-finite step skipped), counts it, and re-sets W_p every ``freq`` steps, so that
+    the W_p used at step t+1 includes batch t. When a step ends:
 
-    - after :meth:`attach` (``pred.attach(optimizer)``): after each ``optimizer.step()``,
-      so per-view calls ``p1 = pred(z1); p2 = pred(z2)`` equal ``pred(torch.cat([z1, z2]))``
-      and k micro-batches of gradient accumulation equal one step on their union;
-    - after ``attach()`` without an optimizer: at each :meth:`step` of a manual loop;
-    - otherwise at the end of each training call (one call, one step). With ``freq > 1``
-      the rebuild that step makes due then waits for the call's optimizer step: it runs
-      at the next training call, at ``.eval()``, ``state_dict()`` or :meth:`refresh`, so
-      no one sees a stale W_p.
+    - after :meth:`attach` (``pred.attach(optimizer)``): at each ``optimizer.step()``,
+      so per-view calls ``p1 = pred(z1); p2 = pred(z2)`` equal ``pred(torch.cat([z1, z2]))``;
+    - after ``attach()`` without an optimizer: at each :meth:`step`;
+    - otherwise at the end of each training call. With ``freq > 1`` the rebuild then
+      waits for the call's optimizer step and runs at the next training call,
+      ``.eval()``, ``state_dict()`` or :meth:`refresh`.
 
-    A call uses its own copy of W_p, so any number of calls per step back-propagate
-    correctly (eagerly and under ``torch.compile``). Eval mode only predicts. Misuse is
-    named once by a RuntimeWarning that points at the user's line: an optimizer step
-    with no training call since the last one (a predictor left in eval mode, or not in
-    the forward pass); ``freq > 1`` with W_p in no param group of the attached
-    optimizer; several training calls between two optimizer steps without
-    :meth:`attach` (per-view calls), checked at the step of an optimizer that holds
-    this predictor's W_p in a param group (as ``model.parameters()`` gives it, also
-    with ``freq == 1``). Other optimizers' steps are ignored, so a predictor whose W_p
-    is in no optimizer is never named for this.
+    Eval mode only predicts. A call uses its own copy of W_p, so any number of calls per
+    step back-propagate correctly (eagerly and under ``torch.compile``). A copy
+    (``copy.deepcopy``, pickle) starts at a step boundary: training calls recorded
+    since the last step belong to the original's step and are not in the copy, which
+    is not attached (each training call is one step until it is attached itself).
+    Misuse is named once by a RuntimeWarning that points at the user's line (README,
+    "Usage"); wrong arguments raise at once, naming the argument.
 
     Args:
         dim: feature dimension d (W_p is d x d).
@@ -69,35 +61,28 @@ class DirectPredictor(nn.Module):
         eps: the eigenvalue boost of Eq. 18 (0.1 in the paper's best runs).
         freq: rebuild every ``freq`` steps (1 = DirectPred; 5 in Table 8).
         power: p ~ s ** power; 0.5 is DirectPred, 1 is DirectCopy-style.
-        eps_mode: ``"relative"`` (default; the authors' code, which produced the
-            paper's tables): ``p = max((max(s,0)/max s) ** power + eps, min_eig)``;
-            ``"absolute"`` (Eq. 18 as printed): ``p = max(s,0) ** power + eps max s``.
+        eps_mode: ``"relative"`` (default; the authors' code):
+            ``p = max((max(s,0)/max s) ** power + eps, min_eig)``; ``"absolute"``
+            (Eq. 18 as printed): ``p = max(s,0) ** power + eps max s``.
         zero_mean: use the covariance ``F - m m^T`` (m an EMA of the mean) instead of
             the correlation. Off by default: the paper reports centring hurts.
         min_eig: lower clamp of p in relative mode (the authors' 1e-4).
         sync: under ``torch.distributed``, take the batch statistics over all ranks
             (one all-reduce per step) so every rank holds the same F and W_p. With
-            ``sync=False`` each rank keeps its own F.
+            ``sync=False`` each rank keeps its own F (wrap with DDP's
+            ``broadcast_buffers=False``, or rank 0's buffers overwrite the others').
         backend: see :mod:`fastpred.backends` (``"auto"``, ``"torch"``, ...).
         partitions: k > 0 gives the paper's feature-dependent W_p (Sec. 4, "random
-            partitions"; 78.20 on STL-10 with k = 6; see :mod:`fastpred.partitions`):
-            k fixed random hyperplanes split each call's batch at the batch mean of
-            each projection; each half keeps its own F, hence 2k predictors, and a
-            sample's prediction averages the k predictors of the halves it falls in
-            (the authors' ``partition`` mode, for any dim). One difference from their
-            code, which rebuilt every step from statistics that already included the
-            current batch: here the rebuild follows ``freq`` and the order above, like
-            the plain predictor. A half that receives no sample keeps its F (they
-            blended in zeros). Per-view calls split each view at its own mean.
+            partitions"; :mod:`fastpred.partitions`): k fixed random hyperplanes split
+            each call's batch at the batch mean of each projection; each half keeps its
+            own F, hence 2k predictors, and a sample's prediction averages the k
+            predictors of the halves it falls in.
         solver: how W_p is obtained from F: ``"auto"`` (default: DirectCopy's exact
             closed form where it holds, else ``"eigh"``), ``"eigh"``, ``"closed_form"``,
-            or the experimental ``"newton_schulz"`` / ``"warm"``
-            (:mod:`fastpred.experimental`). See :mod:`fastpred.solvers`.
-        async_rebuild: compute the rebuild for step t+1 right after step t's fold, on
-            a side CUDA stream or a worker thread (:mod:`fastpred.async_rebuild`), so
-            that it overlaps other work; it is swapped in at the next call (or
-            ``state_dict()``).
-            Bit-identical to the synchronous path.
+            or the experimental ``"newton_schulz"`` / ``"warm"``. See :mod:`fastpred.solvers`.
+        async_rebuild: compute the rebuild right after the fold, on a side CUDA stream or
+            a worker thread (:mod:`fastpred.schedule`), swapped in at the next call (or
+            ``state_dict()``). Bit-identical to the synchronous path.
 
     Attributes:
         weight: ``nn.Parameter`` (d, d), W_p — (2k, d, d) with partitions, rows
@@ -108,20 +93,17 @@ class DirectPredictor(nn.Module):
         planes, thresholds: buffers (d, k) and (k,): the random hyperplanes and the
             EMA of the projections' batch means (the split used in eval mode).
         folded: int64 buffer (or (2k,)): batches folded into each F.
-        num_updates: int64 buffer, steps taken (skipped ones included; an optimizer
-            step with no training call since the last step is none).
-        num_skipped: int64 buffer, steps whose statistics were skipped (non-finite x).
+        num_updates: int64 buffer, steps taken (skipped ones included).
+        num_skipped: int64 buffer, steps whose statistics were skipped (non-finite).
         num_eigh_failures: int64 buffer, rebuilds that kept the previous W_p.
-        eig_map: the map's settings (eps, power, eps_mode, min_eig), one
-            :class:`~fastpred.eig_map.EigMap`.
+        eig_map: the map's settings, one :class:`~fastpred.eig_map.EigMap`.
 
-    Robustness: a step with non-finite values (in any of its calls) leaves F unchanged
-    (y is still returned), is counted and, on CPU, warned about at once; on GPU the
-    skip is decided on the device without a host sync and the warning comes with the
-    next ``state_dict()``. A batch of N = 0 samples changes no statistics. A failed
-    eigendecomposition is retried in float64, then in float64 with a tiny diagonal
-    jitter; if that fails too (or, on GPU, the solver reports NaN), W_p keeps its
-    previous value and ``num_eigh_failures`` counts it (decided on the device on GPU).
+    Robustness: a step with non-finite values leaves F unchanged (y is still returned)
+    and is counted; on CPU it is warned about at once, on GPU (decided on the device,
+    no host sync) with the next ``state_dict()``. A batch of N = 0 samples changes no
+    statistics. A failed eigendecomposition is retried (:func:`fastpred.eigh.symmetric_eigh`);
+    if it still fails, or a GPU solver reports NaN, W_p keeps its previous value and
+    ``num_eigh_failures`` counts it.
 
     Example:
         >>> pred = DirectPredictor(128)
@@ -130,6 +112,11 @@ class DirectPredictor(nn.Module):
         >>> z1, z2 = torch.randn(64, 128), torch.randn(64, 128)
         >>> p1, p2 = pred(z1), pred(z2)  # per-view calls: folded together at opt.step()
     """
+
+    # state_dict layout version (nn.Module saves it in the metadata, _load_from_state_dict
+    # receives it): 1 = checkpoints written before this attribute; 2 = the same layout.
+    # A future change of the buffers bumps it and converts older checkpoints on load.
+    _version = 2
 
     def __init__(
         self,
@@ -189,12 +176,9 @@ class DirectPredictor(nn.Module):
         self._skips_warned = 0
         self._attachment: Attachment | None = None  # steps are optimizer steps (attach) rather than calls
         self._recorded = False  # a training call since the last step (attached mode)
-        self._calls_between_optimizer_steps = 0  # per-call mode: steps since its optimizer's last step
-        self._warned: set[str] = set()  # each misuse is named once
-        self._load_rejected = False
+        self._misuse = Misuse()  # each misuse named once
         self._impl: Backend | None = None
         self._resolve_backend()
-        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def rho(self) -> float:
@@ -248,6 +232,8 @@ class DirectPredictor(nn.Module):
             self._recorded = True
             if per_call:
                 self._end_step()  # without attach() each training call is one step
+        elif self._attachment is None and torch.is_grad_enabled() and x.requires_grad:
+            self._misuse.eval_call(x)  # eval mode inside a training graph: model.train() forgotten?
         return y
 
     def train(self, mode: bool = True) -> "DirectPredictor":
@@ -324,14 +310,10 @@ class DirectPredictor(nn.Module):
             raise RuntimeError("DirectPredictor is already attached to "
                                f"{'another optimizer' if self._attachment.optimizer is not None else 'manual steps'}; "
                                "remove() the previous handle first")
-        if optimizer is not None and self.freq > 1 and not any(
-                p is self.weight for group in optimizer.param_groups for p in group["params"]):
-            self._warn_once("untrained", f"DirectPredictor(freq={self.freq}): W_p is in no param group of the attached "
-                            "optimizer, so it is never trained between rebuilds; add predictor.parameters() to it")
+        self._misuse.on_attach(self, optimizer)
         self._catch_up()  # a rebuild owed by the per-call mode
         self._stats.clear()
         self._recorded = False
-        self._calls_between_optimizer_steps = 0
         self._resolve_backend()
         self._attachment = Attachment(self, optimizer)
         return self._attachment
@@ -359,9 +341,7 @@ class DirectPredictor(nn.Module):
     def _end_attached_step(self) -> None:
         """The end of an optimizer step: fold the training calls made since the last one."""
         if not self._recorded:
-            self._warn_once("idle", "DirectPredictor: an optimizer step with no training-mode call since the last "
-                            "step; is the predictor in eval mode or not in the forward pass? F and W_p are unchanged "
-                            "and no step is counted")
+            self._misuse.idle_step()
             return
         self._end_step()
 
@@ -371,8 +351,8 @@ class DirectPredictor(nn.Module):
         """The one end of a step, whatever the mode: fold, count, rebuild when due."""
         self._recorded = False
         if self._attachment is None:
-            _watch_optimizer_steps(self)
-            self._calls_between_optimizer_steps += 1
+            watch.add(self)
+            self._misuse.calls += 1
         self._stats.fold(self._running(), self._synced())
         self.num_updates += 1
         self._steps += 1
@@ -380,38 +360,12 @@ class DirectPredictor(nn.Module):
             self._warn_new_skips()
         # Per-call with freq > 1: W_p is trained, so the rebuild waits for this call's optimizer step.
         defer = self._attachment is None and self.freq > 1
-        try:
-            weight = self._schedule.after_fold(self._steps, self._weight_from, self._target_corr, defer=defer)
-        except EighError as err:
-            self._record_eigh_failure(err)
-        else:
-            if weight is not None:
-                self._install_weight(weight)
+        self._set_weight(lambda: self._schedule.after_fold(self._steps, self._weight_from, self._target_corr,
+                                                           defer=defer))
 
     def _running(self) -> RunningStatistics:
         return RunningStatistics(self.corr, self.mean, self.folded, getattr(self, "thresholds", None),
                                  self.num_skipped)
-
-    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Per-call mode: several training calls between two steps of this predictor's
-        optimizer (one holding W_p) are several DirectPred steps, where the authors fold
-        both views of a step as one batch. Other optimizers' steps are not its steps."""
-        if self._attachment is not None or self._calls_between_optimizer_steps == 0:
-            return
-        weight = self.weight  # bound once: nn.Module attribute lookup is slow
-        if not any(p is weight for group in optimizer.param_groups for p in group["params"]):
-            return  # not this predictor's optimizer
-        if self._calls_between_optimizer_steps > 1:
-            self._warn_once("per-view", f"DirectPredictor: {self._calls_between_optimizer_steps} training calls "
-                            "between two optimizer steps, each one DirectPred step (F takes that many EMA steps per "
-                            "optimizer step); call predictor.attach(optimizer) to fold them as one step, or "
-                            "concatenate the views into one call")
-        self._calls_between_optimizer_steps = 0
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
     def _warn_new_skips(self) -> None:
         skipped = int(self.num_skipped)
@@ -428,15 +382,8 @@ class DirectPredictor(nn.Module):
     @torch.no_grad()
     def _catch_up(self) -> None:
         """Install a finished async rebuild, or do the rebuild the last step left owed."""
-        if not self._schedule.waiting:
-            return
-        try:
-            weight = self._schedule.take(self._weight_from, self._target_corr)
-        except EighError as err:
-            self._record_eigh_failure(err)
-        else:
-            if weight is not None:
-                self._install_weight(weight)
+        if self._schedule.waiting:
+            self._set_weight(lambda: self._schedule.take(self._weight_from, self._target_corr))
 
     def _target_corr(self) -> Tensor:
         return functional.covariance(self.corr, self.mean) if self.zero_mean else self.corr
@@ -448,6 +395,21 @@ class DirectPredictor(nn.Module):
             self._schedule.primed = True
         return functional.solve_weight(corr, self.eig_map, backend=self._backend(), solver=self._solver,
                                        solver_state=state)
+
+    def _set_weight(self, rebuild: Callable[[], Tensor | None]) -> Tensor | None:
+        """The one place W_p is set: ``rebuild()`` gives the new W_p (None: nothing is due),
+        installed where finite. A failed eigendecomposition (EighError, after the retry
+        chain of :func:`fastpred.eigh.symmetric_eigh`) or a non-finite result keeps the
+        previous W_p and is counted in ``num_eigh_failures``. Returns the 0-dim bool
+        "installed" (a tensor, not read here), or None when nothing was due."""
+        try:
+            weight = rebuild()
+        except EighError as err:
+            self.num_eigh_failures += 1
+            warnings.warn(f"DirectPredictor: {err}; keeping the previous W_p", RuntimeWarning,
+                          stacklevel=user_stacklevel())
+            return torch.zeros((), dtype=torch.bool, device=self.weight.device)
+        return None if weight is None else self._install_weight(weight)
 
     def _install_weight(self, weight: Tensor) -> Tensor:
         """``W_p <- weight`` where it is finite, else keep W_p and count a failure.
@@ -462,23 +424,12 @@ class DirectPredictor(nn.Module):
                           RuntimeWarning, stacklevel=user_stacklevel())
         return ok
 
-    def _record_eigh_failure(self, err: Exception) -> bool:
-        """Count an eigensolver failure (W_p is left as it was) and warn."""
-        self.num_eigh_failures += 1
-        warnings.warn(f"DirectPredictor: {err}; keeping the previous W_p", RuntimeWarning,
-                      stacklevel=user_stacklevel())
-        return False
-
     @torch.no_grad()
     def refresh(self) -> bool:
         """Set W_p from F now (Eq. 18). Returns False if W_p was kept (the eigensolver
         failed). On GPU the answer is read from the device (a host sync)."""
         self._schedule.drop()
-        try:
-            weight = self._weight_from(self._target_corr())
-        except EighError as err:
-            return self._record_eigh_failure(err)
-        return bool(self._install_weight(weight))
+        return bool(self._set_weight(lambda: self._weight_from(self._target_corr())))
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
@@ -517,11 +468,20 @@ class DirectPredictor(nn.Module):
                                 f"checkpoint, the shape in current model is {tuple(current.shape)}")
             elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 problems.append(f"{key} holds non-finite values (a diverged run?)")
-        self._load_rejected = bool(problems)
         if problems:
             error_msgs.extend(f"{p}; nothing was loaded into this DirectPredictor." for p in problems)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # The host mirrors follow the loaded buffers (one read), and a rebuild owed or in
+        # flight from the old F is dropped: a state_dict() holds the W_p of its F (it
+        # catches up before saving).
+        self._steps = int(self.num_updates)
+        self._skips_warned = int(self.num_skipped)
+        self._schedule.drop()
+        self._stats.clear()
+        self._recorded = False
+        state = getattr(self, "solver_state", None)
+        self._schedule.primed = state is not None and bool(state.abs().amax() > 0)
 
     def __getstate__(self):
         # What belongs to this process does not travel (deepcopy, pickle): an async rebuild
@@ -532,68 +492,9 @@ class DirectPredictor(nn.Module):
         state["_impl"] = None  # re-resolved on first use (its functions are not picklable)
         return state
 
-
-class Attachment:
-    """What :meth:`DirectPredictor.attach` returns: ``remove()`` undoes it (once; a stale
-    handle, replaced by a newer attachment, removes nothing)."""
-
-    def __init__(self, predictor: DirectPredictor, optimizer: torch.optim.Optimizer | None) -> None:
-        self.predictor, self.optimizer = predictor, optimizer
-        self.hook = None
-        if optimizer is not None:
-            ref = weakref.ref(predictor)
-            self.hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: _end_step_of(ref))
-
-    def remove(self) -> None:
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
-        if self.predictor._attachment is self:
-            self.predictor._attachment = None
-            self.predictor._stats.clear()
-
-
-def _end_step_of(ref: "weakref.ref[DirectPredictor]") -> None:
-    predictor = ref()
-    if predictor is not None:
-        predictor._end_attached_step()
-
-
-# Per-call predictors are not attached to an optimizer, so one global step hook (there
-# while some exist) shows each one every optimizer's steps; a predictor only counts those
-# of an optimizer holding its W_p. Weak references: the hook keeps no predictor alive.
-_watched: "weakref.WeakSet[DirectPredictor]" = weakref.WeakSet()
-_global_hook = None
-
-
-def _watch_optimizer_steps(predictor: DirectPredictor) -> None:
-    global _global_hook
-    _watched.add(predictor)
-    if _global_hook is None:
-        _global_hook = register_optimizer_step_post_hook(_after_any_optimizer_step)
-
-
-def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    global _global_hook
-    predictors = list(_watched)
-    for predictor in predictors:
-        predictor._after_optimizer_step(optimizer)
-    if not predictors and _global_hook is not None:  # every per-call predictor is gone
-        _global_hook.remove()
-        _global_hook = None
-
-
-def _after_load(module: DirectPredictor, incompatible_keys) -> None:
-    """After load_state_dict: host mirrors follow the loaded buffers (one read), and a
-    rebuild owed or in flight from the old F is dropped: a state_dict() holds the W_p of
-    its F (it catches up before saving)."""
-    if module._load_rejected:
-        module._load_rejected = False
-        return
-    module._steps = int(module.num_updates)
-    module._skips_warned = int(module.num_skipped)
-    module._schedule.drop()
-    module._stats.clear()
-    module._recorded = False
-    state = getattr(module, "solver_state", None)
-    module._schedule.primed = state is not None and bool(state.abs().amax() > 0)
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # A copy starts at a step boundary, whether it is attached again or not: the calls
+        # recorded since the last step belong to the original's step (attach() drops them too).
+        self._stats.clear()
+        self._recorded = False
