@@ -3,9 +3,11 @@
 The one retry chain of fastpred: every eigendecomposition (the eigh path of
 :func:`fastpred.functional.directpred_weight`, the closed form's top eigenpair in
 :mod:`fastpred.solvers`, the experimental warm solver) goes through
-:func:`symmetric_eigh`. Below it a GPU backend's driver (:mod:`fastpred.backends.eigh_driver`)
-only chooses which cuSOLVER routine runs a call; it retries nothing in float64 itself
-except when every float32 routine raised.
+:func:`symmetric_eigh`, and only :func:`_with_fallbacks` retries a failed one. Below it
+a GPU backend's driver (:mod:`fastpred.backends.eigh_driver`) reports and routes: it
+chooses which cuSOLVER routine runs a call (a routine that refuses a size is not asked
+again; a size cuSOLVER failed on runs in float64 from then on), raises when no routine
+could run the call, and marks a failed matrix with NaN eigenvalues; it retries nothing.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .backends import reference
 
 
 class EighError(RuntimeError):
-    """The eigendecomposition failed, in float32 and again in float64 with jitter."""
+    """The eigendecomposition failed, in float32 and in every float64 retry (jitter included)."""
 
 
 def symmetric_eigh(
@@ -28,12 +30,13 @@ def symmetric_eigh(
     """Eigendecomposition of a symmetric matrix with the fallbacks a long run needs.
 
     The backend's solver first; if it fails (or, on CPU, returns non-finite
-    eigenvalues), the reference in float64; if that fails, float64 again with a jitter
-    of 1e-6 * (|trace| / d + 1e-12) on the diagonal. Results are in ``dtype``
-    (float32 unless asked otherwise).
+    eigenvalues), the backend's solver in float64 (where it is not the reference: on a
+    GPU, cuSOLVER in float64, still without a host sync); then the reference in
+    float64; then float64 again with a jitter of 1e-6 * (|trace| / d + 1e-12) on the
+    diagonal. Results are in ``dtype`` (float32 unless asked otherwise).
 
     Raises:
-        EighError: all three attempts failed.
+        EighError: every attempt failed.
     """
     impl = backends.resolve(backend, corr.device)
     s, u = _with_fallbacks(corr, impl.eigh, reference.eigh)
@@ -46,17 +49,21 @@ def symmetric_eigvalsh(corr: Tensor, *, backend: "str | backends.Backend" = "aut
     on CUDA the backend's eigensolver, which needs no host sync.
 
     Raises:
-        EighError: all three attempts failed.
+        EighError: every attempt failed.
     """
     if corr.device.type == "cuda":
         return symmetric_eigh(corr, backend=backend)[0]
-    s, _ = _with_fallbacks(corr, lambda a: (torch.linalg.eigvalsh(a), None),
-                           lambda a: (torch.linalg.eigvalsh(a), None))
+
+    def eigvalsh(a: Tensor) -> tuple[Tensor, None]:
+        return torch.linalg.eigvalsh(a), None
+
+    s, _ = _with_fallbacks(corr, eigvalsh, eigvalsh)
     return s.float()
 
 
 def _with_fallbacks(corr: Tensor, solve: Callable, reference_solve: Callable) -> tuple[Tensor, Tensor | None]:
-    """``solve(corr)``, else ``reference_solve`` in float64, else in float64 with jitter."""
+    """``solve(corr)``, else ``solve`` in float64 (a backend's own), else ``reference_solve`` in
+    float64, else in float64 with jitter: the one place a failed eigendecomposition is retried."""
 
     def jittered():
         c = corr.double()
@@ -65,7 +72,10 @@ def _with_fallbacks(corr: Tensor, solve: Callable, reference_solve: Callable) ->
         eye = torch.eye(d, dtype=c.dtype, device=c.device)
         return reference_solve(c + 1e-6 * scale[..., None, None] * eye)
 
-    attempts = [lambda: solve(corr), lambda: reference_solve(corr.double()), jittered]
+    attempts = [lambda: solve(corr)]
+    if solve is not reference_solve and corr.dtype != torch.float64:
+        attempts.append(lambda: solve(corr.double()))
+    attempts += [lambda: reference_solve(corr.double()), jittered]
     errors = []
     for attempt in attempts:
         try:

@@ -237,14 +237,17 @@ def test_a_refusing_solver_is_disabled_with_a_warning_and_the_next_takes_over():
 
 
 def test_float64_retry_when_every_float32_solver_refuses():
+    """The driver retries nothing: it raises, and the one retry chain
+    (fastpred.eigh.symmetric_eigh) calls it again with the matrix in float64."""
     only64 = FakeRoutine("single", dtypes=(np.float64,))
     driver = driver_with(only64)
     a = sym(7)
-    with pytest.warns(RuntimeWarning):
-        w, u = driver.eigh(a)
-    assert w.dtype == np.float32 and u.dtype == np.float32  # cast back to the input's dtype
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no eigensolver succeeded: float32"):
+        driver.eigh(a)
+    w, u = driver.eigh(a.astype(np.float64))  # the chain's float64 attempt
+    assert w.dtype == np.float64 and u.dtype == np.float64
     assert only64.calls == [(1, 7, np.float64)]
-    assert_eigh(a, w, u)
+    assert_eigh(a, w.astype(np.float32), u.astype(np.float32))
 
 
 def test_no_usable_solver_raises_runtime_error_naming_the_reasons():

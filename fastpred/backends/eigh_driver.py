@@ -12,11 +12,13 @@ with injected failures. What it does:
 * **Batching.** A stack of matrices goes to a batched solver (cuSOLVER's
   ``XsyevBatched``) in chunks with ``n * n * chunk <= INT32_MAX``, cuSOLVER's limit;
   a single matrix goes to the per-matrix solver (``Xsyevd``).
-* **Fallbacks.** Solvers are tried in the order given, each within its limits (the
-  Jacobi batched solver only for ``n <= 32``); one that raises when called (a
-  library too old, an unsupported size) is disabled for that (n, dtype) with a
-  warning, and the next one takes the same chunk. float32 first; float64 when every
-  float32 solver raised.
+* **Routing.** Solvers are tried in the order given, each within its limits (the
+  Jacobi batched solver only for ``n <= 32``); one that refuses when called (a
+  library too old, an unsupported size: nothing ran) is not asked again for that
+  (n, dtype), with a warning, and the next one takes the same chunk. When none can
+  run a call, it raises: retrying (in float64, then the reference) is the one retry
+  chain's job, :func:`fastpred.eigh.symmetric_eigh`, which calls this driver again
+  with a float64 matrix.
 * **Failures become NaN, on the device.** cuSOLVER reports per-matrix failure in
   ``info``, on the device. Reading it at once would stall the host every step
   (``torch.linalg.eigh`` does). Instead, still on the device, the eigenvalues of a
@@ -205,7 +207,8 @@ class EighDriver:
             RuntimeWarning: an *earlier* call's ``info``, landed since, showed a failure.
 
         Raises:
-            RuntimeError: no solver could be called for this input, in float32 or float64.
+            RuntimeError: no solver could be called for this input in its dtype (the
+                caller's retry chain, :func:`fastpred.eigh.symmetric_eigh`, goes on).
         """
         self.poll()
         shape = tuple(a.shape)
@@ -215,22 +218,15 @@ class EighDriver:
         batch = math.prod(shape[:-2])
         in_dtype = self.ops.dtype_of(a)
         out_dtype = in_dtype if in_dtype in (self.ops.float32, self.ops.float64) else self.ops.float32
-        if out_dtype == self.ops.float64 or n in self._float64_sizes:
-            dtypes = [self.ops.float64]
-        else:
-            dtypes = [self.ops.float32, self.ops.float64]
+        dtype = self.ops.float64 if out_dtype == self.ops.float64 or n in self._float64_sizes else out_dtype
         self.stats.calls += 1
-        errors: list[str] = []
-        for dtype in dtypes:
-            try:
-                w, vecs = self._solve(a, n, batch, dtype)
-            except RuntimeError as err:
-                errors.append(f"{_dtype_name(dtype)}: {err}")
-                continue
-            if dtype != out_dtype:
-                w, vecs = self.ops.cast(w, out_dtype), self.ops.cast(vecs, out_dtype)
-            return (w.reshape(shape[:-1]), self.ops.transpose(vecs.reshape(shape)))
-        raise RuntimeError("fastpred GPU eigh: no eigensolver succeeded: " + "; ".join(errors))
+        try:
+            w, vecs = self._solve(a, n, batch, dtype)
+        except RuntimeError as err:
+            raise RuntimeError(f"fastpred GPU eigh: no eigensolver succeeded: {_dtype_name(dtype)}: {err}") from None
+        if dtype != out_dtype:
+            w, vecs = self.ops.cast(w, out_dtype), self.ops.cast(vecs, out_dtype)
+        return (w.reshape(shape[:-1]), self.ops.transpose(vecs.reshape(shape)))
 
     def poll(self) -> None:
         """Inspect the info copies that have landed; report a failure among them."""
