@@ -39,6 +39,7 @@ figures: $(STAMP)
 # On a machine with an NVIDIA GPU: build fastpred._C in place, then the GPU tests and
 # benchmarks, into gpu-report/ (report.md, report.json, logs), in under 8 minutes.
 #   make gpu-check PYTHON=python3            that interpreter and its torch; no venv, no install
+#                                            (the fake-CUDA tier runs first, in seconds; it stops the check if it fails)
 #   make gpu-check PYTHON=python3 DRY_RUN=1  the same steps without a GPU (build, test collection, report)
 # Without PYTHON= it uses the project venv (set up as for `make test`).
 PYTHON ?= $(PY)
