@@ -2,8 +2,9 @@
 
 - :class:`Attachment`: what ``DirectPredictor.attach`` returns; an optimizer's step
   post-hook that ends the predictor's step.
-- The per-call watch: predictors that are not attached see every optimizer's steps
-  through one global step post-hook (there while some exist), to notice misuse.
+- The per-call watch: every predictor is shown every optimizer's steps through one
+  global step post-hook (there while some predictor exists); those not attached use
+  them to notice misuse.
 - :class:`Misuse`: each misuse named once by a RuntimeWarning at the user's line.
 
 Host-side only: nothing here reads a device value.
@@ -56,9 +57,9 @@ def _end_step_of(ref: "weakref.ref[DirectPredictor]") -> None:
 
 
 class _Watch:
-    """Per-call predictors, shown every optimizer's steps by one global step post-hook
-    (there while some exist); a predictor counts only those of an optimizer holding its
-    W_p. Weak references: the hook keeps no predictor alive."""
+    """Predictors, shown every optimizer's steps by one global step post-hook (there while
+    some exist); a per-call predictor counts as its own steps only those of an optimizer
+    holding its W_p. Weak references: the hook keeps no predictor alive."""
 
     def __init__(self) -> None:
         self.predictors: "weakref.WeakSet[DirectPredictor]" = weakref.WeakSet()
@@ -74,7 +75,7 @@ class _Watch:
         for predictor in predictors:
             if predictor._attachment is None:
                 predictor._misuse.after_optimizer_step(predictor, optimizer)
-        if not predictors and self.hook is not None:  # every per-call predictor is gone
+        if not predictors and self.hook is not None:  # every predictor is gone
             self.hook.remove()
             self.hook = None
 
@@ -85,12 +86,15 @@ watch = _Watch()
 class Misuse:
     """The misuse checks of one predictor; each misuse is named once.
 
-    ``calls`` counts the per-call steps since the last step of an optimizer holding W_p.
+    ``calls`` counts the per-call steps since the last step of an optimizer holding W_p;
+    ``eval_in_graph`` notes an eval-mode call inside a training graph since the last
+    optimizer step.
     """
 
     def __init__(self) -> None:
         self.warned: set[str] = set()
         self.calls = 0
+        self.eval_in_graph = False
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -99,7 +103,7 @@ class Misuse:
 
     def on_attach(self, predictor: "DirectPredictor", optimizer: torch.optim.Optimizer | None) -> None:
         """``freq > 1`` with W_p in no param group of the attached optimizer."""
-        self.calls = 0
+        self.calls, self.eval_in_graph = 0, False
         if optimizer is not None and predictor.freq > 1 and not holds(optimizer, predictor.weight):
             self.warn_once("untrained", f"DirectPredictor(freq={predictor.freq}): W_p is in no param group of the "
                            "attached optimizer, so it is never trained between rebuilds; add "
@@ -111,21 +115,21 @@ class Misuse:
                        "step; is the predictor in eval mode or not in the forward pass? F and W_p are unchanged "
                        "and no step is counted")
 
-    def eval_call(self, x: Tensor) -> None:
-        """Per-call mode, eval mode, inside a training graph (grad mode on, ``x`` part of a
-        graph): most likely a ``model.train()`` forgotten after a validation pass, which
-        would leave F and W_p frozen. Host-side flags only (no device read)."""
-        if torch.is_grad_enabled() and x.requires_grad:
-            self.warn_once("eval", "DirectPredictor: called in eval mode inside a training graph (gradients "
-                           "flow through the call), so this batch is not recorded and no step is taken; call "
-                           "model.train() after a validation pass (or run evaluation under torch.no_grad())")
-
     def after_optimizer_step(self, predictor: "DirectPredictor", optimizer: torch.optim.Optimizer) -> None:
-        """Per-call mode, at any optimizer's step: several training calls between two
-        steps of this predictor's optimizer (one holding W_p) are several DirectPred
-        steps, where the authors fold both views of a step as one batch; and with
-        ``freq > 1`` more than ``freq`` calls with W_p's gradient built up and no
-        optimizer stepping W_p: it is never trained between rebuilds."""
+        """Per-call mode, at any optimizer's step: an eval-mode call inside a training
+        graph since the last step (grad mode on, the input part of a graph: most likely a
+        ``model.train()`` forgotten after a validation pass, which leaves F and W_p frozen;
+        without an optimizer step, e.g. a gradient taken through a frozen predictor, it is
+        not named); several training calls between two steps of this predictor's
+        optimizer (one holding W_p), which are several DirectPred steps where the authors
+        fold both views of a step as one batch; and with ``freq > 1`` more than ``freq``
+        calls with W_p's gradient built up and no optimizer stepping W_p, which is then
+        never trained between rebuilds."""
+        if self.eval_in_graph:
+            self.eval_in_graph = False
+            self.warn_once("eval", "DirectPredictor: an optimizer step after a call in eval mode inside a "
+                           "training graph: that batch was not recorded and no DirectPred step was taken; call "
+                           "model.train() after a validation pass")
         if self.calls == 0:
             return
         if not holds(optimizer, predictor.weight):

@@ -179,6 +179,7 @@ class DirectPredictor(nn.Module):
         self._misuse = Misuse()  # each misuse named once
         self._impl: Backend | None = None
         self._resolve_backend()
+        watch.add(self)  # shown every optimizer step (per-call misuse checks)
 
     @property
     def rho(self) -> float:
@@ -232,8 +233,8 @@ class DirectPredictor(nn.Module):
             self._recorded = True
             if per_call:
                 self._end_step()  # without attach() each training call is one step
-        elif self._attachment is None and torch.is_grad_enabled() and x.requires_grad:
-            self._misuse.eval_call(x)  # eval mode inside a training graph: model.train() forgotten?
+        elif torch.is_grad_enabled() and x.requires_grad:
+            self._misuse.eval_in_graph = True  # named at the next optimizer step: model.train() forgotten?
         return y
 
     def train(self, mode: bool = True) -> "DirectPredictor":
@@ -351,8 +352,8 @@ class DirectPredictor(nn.Module):
         """The one end of a step, whatever the mode: fold, count, rebuild when due."""
         self._recorded = False
         if self._attachment is None:
-            watch.add(self)
             self._misuse.calls += 1
+            self._misuse.eval_in_graph = False  # in training mode again
         self._stats.fold(self._running(), self._synced())
         self.num_updates += 1
         self._steps += 1
@@ -498,3 +499,4 @@ class DirectPredictor(nn.Module):
         # recorded since the last step belong to the original's step (attach() drops them too).
         self._stats.clear()
         self._recorded = False
+        watch.add(self)

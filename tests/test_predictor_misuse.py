@@ -24,31 +24,39 @@ def batch(seed, n=16):
 # ------------------------------------------------------------------ eval mode left on
 def test_a_per_call_predictor_left_in_eval_mode_warns_once_at_the_users_line():
     """model.train() forgotten after validation: calls inside a training graph record
-    nothing, so F and W_p would stay frozen in silence."""
+    nothing, so F and W_p would stay frozen in silence; named at the optimizer step."""
     torch.manual_seed(0)
     backbone, pred = nn.Linear(D, D), DirectPredictor(D)
+    opt = torch.optim.SGD(backbone.parameters(), lr=0.01)
+    pred(backbone(batch(0)))  # a training step
     pred.eval()
     with pytest.warns(RuntimeWarning, match="eval mode inside a training graph") as record:
         for seed in range(3):
+            opt.zero_grad()
             pred(backbone(batch(seed))).sum().backward()
+            opt.step()
     assert len([w for w in record if "eval mode" in str(w.message)]) == 1
-    assert record[0].filename == __file__  # the user's line, not fastpred's
-    assert int(pred.num_updates) == 0
+    assert record[0].filename == __file__  # the user's line, not fastpred's or torch's
+    assert int(pred.num_updates) == 1
 
 
-def test_eval_mode_under_no_grad_or_in_training_mode_is_not_named():
+def test_eval_mode_under_no_grad_through_a_frozen_predictor_or_in_training_mode_is_not_named():
     torch.manual_seed(0)
     backbone, pred = nn.Linear(D, D), DirectPredictor(D)
+    opt = torch.optim.SGD(backbone.parameters(), lr=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pred(backbone(batch(0)))  # training mode: a step
+        pred(backbone(batch(0))).sum().backward()  # training mode: a step
+        opt.step()
         pred.eval()
         with torch.no_grad():
             pred(backbone(batch(1)))  # a validation pass done right
-        pred(batch(2))  # no graph through the call: plain inference
-        opt = torch.optim.SGD(backbone.parameters(), lr=0.1)
-        pred.attach(opt)  # attached: its own warning at the optimizer step names this
-        pred(backbone(batch(3)))
+        opt.step()
+        z = batch(2).requires_grad_()
+        pred(z).sum().backward()  # a gradient through a frozen predictor, no optimizer step
+        pred.train()
+        pred(backbone(batch(3))).sum().backward()
+        opt.step()
 
 
 # ------------------------------------------------------------------ freq > 1, W_p trained by nothing
