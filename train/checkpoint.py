@@ -3,7 +3,8 @@
 A checkpoint file is what ``torch.save`` writes, followed by a trailer: ``DIGEST_MAGIC`` and the
 SHA-256 of everything before it (``torch.load`` ignores bytes after the zip archive, so the file
 still loads with plain ``torch.load``; a file without the trailer, from an older version, loads
-with a warning). Writes are atomic (a temp file renamed into place), the last k are kept and
+with a warning). Writes are atomic (a temp file renamed into place), the run's own last k are kept
+(a file the resume refused, damaged or not fitting the run, is neither counted nor deleted) and
 ``last.pt`` links the newest. Loading verifies the digest before unpickling, unpickles with
 ``weights_only=True`` (tensors and plain containers only: a pickle that would run code is
 refused) and checks the keys the caller needs; :func:`load_latest` falls back to the next older
@@ -22,7 +23,7 @@ import io
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -82,8 +83,11 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
+def save(state: dict, out_dir: str | Path, step: int, keep: int, refused: Collection[Path] = ()) -> Path:
     """Write ``ckpt_<step>.pt`` atomically, point ``last.pt`` at it, delete all but the newest ``keep``.
+
+    ``refused``: checkpoints that are not the run's own usable ones (:func:`refused_files`); retention
+    neither counts them nor deletes them, so a foreign file never pushes out the run's own.
 
     Raises:
         CheckpointError: the file could not be written (full disk, read-only folder); the previous
@@ -99,9 +103,22 @@ def save(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
                               "the previous checkpoints are intact") from e
-    for old in checkpoints(out)[:-max(1, keep)]:
+    for old in own(out, refused)[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return path
+
+
+def own(out_dir: str | Path, refused: Collection[Path] = ()) -> list[Path]:
+    """The ``ckpt_<step>.pt`` files but the ``refused`` ones, oldest first."""
+    return [p for p in checkpoints(out_dir) if p not in refused]
+
+
+def refused_files(out_dir: str | Path, chosen: Path | None) -> list[Path]:
+    """The ``ckpt_<step>.pt`` files that :func:`load_latest` tried and refused before it took ``chosen``
+    (all it tried when ``chosen`` is None): a refused ``last.pt`` stands for the file it links."""
+    tried = candidates(out_dir)
+    tried = tried[:tried.index(chosen)] if chosen in tried else tried
+    return [p for p in checkpoints(out_dir) if any(os.path.samefile(p, t) for t in tried)]
 
 
 def _payload(data: bytes, path: Path) -> memoryview | None:

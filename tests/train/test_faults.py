@@ -573,3 +573,24 @@ def test_features_that_overflow_are_one_divergence_line(tmp_path):
     line = _cli(["--out", str(tmp_path / "run"), "epochs=1", "batch_size=256", "ckpt.every_steps=0",
                  "monitor.knn_max_train=200", "loss.name=isoloss", "loss.form=euclidean"])
     assert line.startswith("error: training diverged: ") and "features are not finite" in line
+
+
+# ----------------------------------------------------------------------------- issue 25
+
+
+def test_retention_counts_only_the_runs_own_loadable_checkpoints(finished, tmp_path, capsys):
+    # issue 25.2: a foreign ckpt_000000099.pt that does not fit was counted, and the run's own usable
+    # ckpt_000000004.pt deleted; once last.pt was damaged, the resume found "no usable checkpoint"
+    from train.model import build_model
+
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    cfg = load_config(None, [*RUN, "model.proj_dim=32"])
+    foreign = {**checkpoint.load(out / CKPT4), "config": to_dict(cfg), "model": build_model(cfg, 1, 0).state_dict()}
+    checkpoint.save({**foreign, "step": 99}, out, 99, keep=3)  # intact and loadable; last.pt links it
+    pretrain.main(load_config(None, [*RUN, "ckpt.keep=2"]), out)  # trains step 5: the run's own are 4 and 5
+    assert f"{out / 'last.pt'} does not fit this run" in capsys.readouterr().err
+    assert [p.name for p in checkpoint.checkpoints(out)] == [CKPT4, CKPT5, "ckpt_000000099.pt"]
+    _flip(out / "last.pt")  # and ckpt_000000005.pt, its hard link
+    pretrain.main(load_config(None, [*RUN, "ckpt.keep=2"]), out)
+    assert f"resumed from {out / CKPT4}" in capsys.readouterr().out
+    assert checkpoint.load(out / "last.pt")["step"] == 5
