@@ -594,3 +594,18 @@ def test_retention_counts_only_the_runs_own_loadable_checkpoints(finished, tmp_p
     pretrain.main(load_config(None, [*RUN, "ckpt.keep=2"]), out)
     assert f"resumed from {out / CKPT4}" in capsys.readouterr().out
     assert checkpoint.load(out / "last.pt")["step"] == 5
+
+
+@pytest.mark.parametrize("line", ["5", '"linear_eval"', "[1, 2]", "null"])
+def test_a_metrics_line_that_is_json_but_not_an_object_does_not_stop_the_resume(finished, tmp_path, line, capsys):
+    # issue 25.4: a line `5` stopped every resume with a TypeError in utils._kept_on_resume
+    from train.utils import read_metrics
+
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    n = checkpoint.load(out / "last.pt")["metrics_lines"]
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:n]) + line + "\n" + "".join(lines[n:]))
+    pretrain.main(load_config(None, RUN), out)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in rs]
+    assert strip(read_metrics(out / "metrics.jsonl")) == strip(read_metrics(finished / "metrics.jsonl"))
+    assert f"line {n + 1}: not a JSON record, skipped" in capsys.readouterr().err
