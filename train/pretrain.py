@@ -33,7 +33,7 @@ from tqdm import tqdm
 import fastpred.functional
 
 from . import data, monitor
-from .augment import eval_transform, two_view_transforms
+from .augment import check_blur, eval_transform, two_view_transforms
 from .batch_augment import BatchAugment
 from .config import Config, ConfigError, SettingsDiffer, flat, key_summary, load_config, presets, to_yaml, validate
 from .model import build_model, predictor_matrix
@@ -269,6 +269,7 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     Raises ConfigError naming the key or path for every user mistake found here."""
     try:
         data.check_data(cfg.data)  # a wrong path fails before anything heavy
+        check_blur(cfg.aug, cfg.data.image_size)
         if cfg.batch_size % info.world_size or cfg.batch_size < 2 * info.world_size:
             raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {info.world_size} processes, "
                              "at least 2 per process (BatchNorm needs more than one image)")

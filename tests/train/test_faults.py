@@ -609,3 +609,34 @@ def test_a_metrics_line_that_is_json_but_not_an_object_does_not_stop_the_resume(
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in rs]
     assert strip(read_metrics(out / "metrics.jsonl")) == strip(read_metrics(finished / "metrics.jsonl"))
     assert f"line {n + 1}: not a JSON record, skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batched", ["true", "false"])
+@pytest.mark.parametrize("override, named", [
+    ("data.image_size=1", "data.image_size=1 is too small to blur"),
+    ("aug.blur_kernel=2", "aug.blur_kernel=2 on data.image_size=8 gives a 17-pixel Gaussian kernel"),
+])
+def test_a_blur_kernel_wider_than_the_image_is_one_line_before_anything_is_written(tmp_path, override, named,
+                                                                                     batched):
+    # issue 25.7: a 35-81-line traceback at the first batch, in both view paths
+    out = tmp_path / "run"
+    line = _cli(["--out", str(out), *RUN, "aug.blur_p=[1,1]", f"aug.batched={batched}", override])
+    assert line.startswith(f"error: {named}") and "aug.blur_p=[0,0]" in line
+    assert not out.exists()
+
+
+def test_the_widest_blur_kernel_the_image_allows_is_the_one_torchvision_and_the_batched_path_accept():
+    # the bound is torchvision's own (reflect padding needs kernel // 2 < size); an independent check
+    from torchvision.transforms.v2 import functional as TF
+
+    from train.augment import blur_kernel
+    from train.batch_augment import blur_weights
+
+    img = torch.rand(1, 1, 8, 8)
+    assert blur_kernel(8, 15 / 8) == 15
+    TF.gaussian_blur(img, [15, 15], [1.0, 1.0])
+    blur_weights(torch.tensor([1.0]), 15, 8)
+    with pytest.raises(RuntimeError):
+        TF.gaussian_blur(img, [17, 17], [1.0, 1.0])
+    with pytest.raises(ValueError, match="17-pixel"):
+        blur_kernel(8, 2.0)
