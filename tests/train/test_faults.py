@@ -640,3 +640,21 @@ def test_the_widest_blur_kernel_the_image_allows_is_the_one_torchvision_and_the_
         TF.gaussian_blur(img, [17, 17], [1.0, 1.0])
     with pytest.raises(ValueError, match="17-pixel"):
         blur_kernel(8, 2.0)
+
+
+@pytest.mark.filterwarnings("ignore:DirectPredictor.*non-finite:RuntimeWarning")
+def test_config_yaml_is_the_configuration_of_a_rerun_after_a_run_that_wrote_no_checkpoint(tmp_path, capsys):
+    # issue 25, new user 2: a run that failed before its first checkpoint left its config.yaml; the
+    # re-run with the lr the divergence message suggests trained with config.yaml still saying the old lr
+    import yaml
+
+    out = tmp_path / "run"
+    first = ["epochs=1", "batch_size=256", "log_every=1", "ckpt.every_steps=0", "monitor.knn_max_train=200"]
+    line = _cli(["--out", str(out), *first, "optim.lr=1.0e+30"])
+    assert "no checkpoint had been written yet" in line
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 1e30
+    pretrain.main(load_config(None, [*first, "optim.lr=0.005"]), out)
+    assert "replaced by this run's configuration" in capsys.readouterr().out
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["optim"]["lr"] == 0.005 and written == checkpoint.load(out / "last.pt")["config"]
+    assert not list(out.glob(".config.yaml.tmp"))
