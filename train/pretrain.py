@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import fastpred.backends
 import fastpred.functional
 
 from . import data, monitor
@@ -45,6 +46,17 @@ from .utils import (DistInfo, Preemption, Timer, all_reduce_sum, cleanup_distrib
                     exit_with_error, gather_objects, init_distributed, log, seed_all, warn)
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_backend(cfg: Config, device: torch.device) -> None:
+    """Raise ``ValueError`` naming ``predictor.backend`` when DirectPred's backend cannot run on
+    ``device`` (``triton`` or ``cupy`` on a CPU-only machine, say), instead of failing at the first step."""
+    if cfg.predictor.name != "directpred":
+        return
+    try:
+        fastpred.backends.resolve(cfg.predictor.backend, device)
+    except RuntimeError as e:
+        raise ValueError(f"predictor.backend={cfg.predictor.backend}: {e}") from None
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -270,6 +282,7 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     try:
         data.check_data(cfg.data)  # a wrong path fails before anything heavy
         check_blur(cfg.aug, cfg.data.image_size)
+        check_backend(cfg, info.device)
         if cfg.batch_size % info.world_size or cfg.batch_size < 2 * info.world_size:
             raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {info.world_size} processes, "
                              "at least 2 per process (BatchNorm needs more than one image)")

@@ -658,3 +658,17 @@ def test_config_yaml_is_the_configuration_of_a_rerun_after_a_run_that_wrote_no_c
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["optim"]["lr"] == 0.005 and written == checkpoint.load(out / "last.pt")["config"]
     assert not list(out.glob(".config.yaml.tmp"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_a_predictor_backend_that_cannot_run_here_is_one_line_before_anything_is_written(tmp_path, monkeypatch,
+                                                                                          backend):
+    # issue 25, new user 3: ~45 lines of traceback at the first step, after config.yaml and tb/ were written
+    import fastpred.backends
+
+    if fastpred.backends._available(backend, torch.device("cpu")):  # TRITON_INTERPRET=1 runs Triton on CPU
+        pytest.skip(f"{backend} runs on CPU in this process")
+    out = tmp_path / "run"
+    line = _cli(["--out", str(out), *RUN, f"predictor.backend={backend}"])
+    assert line.startswith(f"error: predictor.backend={backend}: backend '{backend}' does not run on device cpu")
+    assert not out.exists()
