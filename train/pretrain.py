@@ -67,6 +67,27 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return AMP[cfg.amp]
 
 
+class EveryRankError(ConfigError):
+    """An error found by the ranks of a distributed run, gathered so that every rank raises the
+    same message; ``rank`` says which one this is (rank 0 alone reports it)."""
+
+    def __init__(self, msg: str, rank: int) -> None:
+        super().__init__(msg)
+        self.rank = rank
+
+
+def gathered_error(error: str | None, rank: int) -> None:
+    """Collective: raise :class:`EveryRankError` on every rank when any rank found ``error`` (one
+    message when all ranks found the same, else each rank's, named)."""
+    errors = gather_objects(error)
+    found = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not found:
+        return
+    if len(found) == len(errors) and len({e for _, e in found}) == 1:
+        raise EveryRankError(found[0][1], rank)
+    raise EveryRankError("; ".join(f"rank {r}: {e}" for r, e in found), rank)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -383,7 +404,13 @@ def main(cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
         if differ:  # would hang in a collective, or train different things on each rank
             raise SettingsDiffer(f"the {info.world_size} processes were given different settings: "
                                  f"{'; '.join(differ)}", rank=info.rank)
-        run = setup(cfg, Path(out_dir), info)
+        try:
+            run, error = setup(cfg, Path(out_dir), info), None
+        except ConfigError as e:
+            if not info.distributed:
+                raise
+            error = str(e)
+        gathered_error(error, info.rank)  # one line from rank 0, not one per rank
         lock, state, path = claim_folder(run, fresh)
         try:
             trained = state is not None and state["epoch"] >= cfg.epochs and state["batch"] == 0
@@ -431,7 +458,7 @@ def cli(argv: list[str] | None = None) -> None:
             print(to_yaml(cfg), end="")
             return
         main(cfg, args.out or str(Path("runs") / Path(args.config or "digits").stem), fresh=args.fresh)
-    except SettingsDiffer as e:  # the same line on every rank: rank 0 says it, the others stop quietly
+    except (SettingsDiffer, EveryRankError) as e:  # the same line on every rank: rank 0 says it, the others quietly
         exit_with_error(str(e), report=e.rank == 0)
     except ConfigError as e:
         exit_with_error(str(e))

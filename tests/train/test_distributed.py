@@ -89,3 +89,25 @@ def test_an_error_line_is_one_write_or_none(tmp_path, monkeypatch, report):
     expected = "error: epochs (rank 0: 1, rank 1: 3) — différent\n"
     assert writes == ([expected.encode()] if report else [])
     assert (tmp_path / "stderr").read_text(encoding="utf-8") == (expected if report else "")
+
+
+def test_a_setup_error_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    # issue 25: batch_size=3 printed the error line once per rank
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "train.pretrain", "--out", str(out), "epochs=1", "batch_size=3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError("the 2-process run hung:\n" + (stdout + stderr)[-4000:])
+    assert proc.returncode != 0
+    errors = [x for x in stderr.splitlines() if "error: " in x]
+    assert errors == ["error: batch_size=3 must be a multiple of the 2 processes, at least 2 per process "
+                      "(BatchNorm needs more than one image)"], stderr[-4000:]
+    assert "train/pretrain.py" not in stderr  # no traceback from the trainer
+    assert not out.exists()
