@@ -91,7 +91,8 @@ def save(state: dict, out_dir: str | Path, step: int, keep: int, refused: Collec
 
     Raises:
         CheckpointError: the file could not be written (full disk, read-only folder); the previous
-            checkpoints are untouched and no temp file is left.
+            checkpoints are untouched and no temp file is left. Or ``last.pt`` could not be replaced
+            (a folder in its place, say): the message names it.
     """
     out = Path(out_dir)
     path = out / f"ckpt_{step:09d}.pt"
@@ -99,10 +100,14 @@ def save(state: dict, out_dir: str | Path, step: int, keep: int, refused: Collec
     torch.save(state, buf)
     try:
         _atomic_write(buf.getbuffer(), path)
-        _point_last(path)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
                               "the previous checkpoints are intact") from e
+    try:
+        _point_last(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot point {out / 'last.pt'} at the new checkpoint: {e.strerror or e} "
+                              f"({path} was written; a resume finds it)") from e
     for old in own(out, refused)[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return path

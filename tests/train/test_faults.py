@@ -672,3 +672,15 @@ def test_a_predictor_backend_that_cannot_run_here_is_one_line_before_anything_is
     line = _cli(["--out", str(out), *RUN, f"predictor.backend={backend}"])
     assert line.startswith(f"error: predictor.backend={backend}: backend '{backend}' does not run on device cpu")
     assert not out.exists()
+
+
+def test_last_pt_that_is_a_folder_is_named_in_the_error_line(finished, tmp_path):
+    # issue 25: the error named ckpt_000000005.pt, which was in fact written, instead of last.pt
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    (out / "last.pt").unlink()
+    (out / "last.pt").mkdir()
+    line = _cli(["--out", str(out), *RUN])
+    assert line.startswith(f"error: cannot point {out / 'last.pt'} at the new checkpoint: Is a directory")
+    assert checkpoint.load(out / CKPT5)["step"] == 5  # written, whole, and named as such
+    assert f"({out / CKPT5} was written" in line
+    assert not [p for p in out.iterdir() if checkpoint.TEMP.match(p.name)]
