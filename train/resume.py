@@ -225,7 +225,7 @@ def start(run: Run, state: dict | None, path: Path | None) -> None:
     if run.info.is_main:
         config_yaml = run.out / "config.yaml"
         if state is None:
-            if config_yaml.exists() and config_yaml.read_text(errors="replace") != to_yaml(run.cfg):
+            if config_yaml.is_file() and config_yaml.read_text(errors="replace") != to_yaml(run.cfg):
                 log(f"{config_yaml} was left by a run that wrote no checkpoint: replaced by this run's configuration")
             _write_text(config_yaml, to_yaml(run.cfg))
         elif not config_yaml.exists():
@@ -242,11 +242,17 @@ def start(run: Run, state: dict | None, path: Path | None) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """``text`` into ``path``, whole or not at all (a temp file renamed into place)."""
+    """``text`` into ``path``, whole or not at all (a temp file renamed into place).
+
+    Raises:
+        ConfigError: naming ``path`` when it cannot be written (a folder in its place, a full disk)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
