@@ -67,6 +67,9 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return AMP[cfg.amp]
 
 
+# ----------------------------------------------------------------------------- helpers
+
+
 class EveryRankError(ConfigError):
     """An error found by the ranks of a distributed run, gathered so that every rank raises the
     same message; ``rank`` says which one this is (rank 0 alone reports it)."""
@@ -86,9 +89,6 @@ def gathered_error(error: str | None, rank: int) -> None:
     if len(found) == len(errors) and len({e for _, e in found}) == 1:
         raise EveryRankError(found[0][1], rank)
     raise EveryRankError("; ".join(f"rank {r}: {e}" for r, e in found), rank)
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 def own_corr(predictor: nn.Module) -> torch.Tensor | None:
