@@ -4,7 +4,8 @@ A checkpoint file is what ``torch.save`` writes, followed by a trailer: ``DIGEST
 SHA-256 of everything before it (``torch.load`` ignores bytes after the zip archive, so the file
 still loads with plain ``torch.load``; a file without the trailer, from an older version, loads
 with a warning). Writes are atomic (a temp file renamed into place), the run's own last k are kept
-(a file the resume refused, damaged or not fitting the run, is neither counted nor deleted) and
+(a file that is not the run's own, which the resume refused as damaged or not fitting, or that
+is numbered past the step the run resumed from, is neither counted nor deleted) and
 ``last.pt`` links the newest. Loading verifies the digest before unpickling, unpickles with
 ``weights_only=True`` (tensors and plain containers only: a pickle that would run code is
 refused) and checks the keys the caller needs; :func:`load_latest` falls back to the next older
@@ -83,11 +84,12 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save(state: dict, out_dir: str | Path, step: int, keep: int, refused: Collection[Path] = ()) -> Path:
+def save(state: dict, out_dir: str | Path, step: int, keep: int, foreign: Collection[Path] = ()) -> Path:
     """Write ``ckpt_<step>.pt`` atomically, point ``last.pt`` at it, delete all but the newest ``keep``.
 
-    ``refused``: checkpoints that are not the run's own usable ones (:func:`refused_files`); retention
-    neither counts them nor deletes them, so a foreign file never pushes out the run's own.
+    ``foreign``: checkpoints that are not the run's own (:func:`foreign_files`); retention neither
+    counts them nor deletes them, so a foreign file never pushes out the run's own (the one this
+    save replaces, at the same step, is the run's own from now on).
 
     Raises:
         CheckpointError: the file could not be written (full disk, read-only folder); the previous
@@ -108,22 +110,26 @@ def save(state: dict, out_dir: str | Path, step: int, keep: int, refused: Collec
     except OSError as e:
         raise CheckpointError(f"cannot point {out / 'last.pt'} at the new checkpoint: {e.strerror or e} "
                               f"({path} was written; a resume finds it)") from e
-    for old in own(out, refused)[:-max(1, keep)]:
+    for old in own(out, [p for p in foreign if p != path])[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return path
 
 
-def own(out_dir: str | Path, refused: Collection[Path] = ()) -> list[Path]:
-    """The ``ckpt_<step>.pt`` files but the ``refused`` ones, oldest first."""
-    return [p for p in checkpoints(out_dir) if p not in refused]
+def own(out_dir: str | Path, foreign: Collection[Path] = ()) -> list[Path]:
+    """The ``ckpt_<step>.pt`` files but the ``foreign`` ones, oldest first."""
+    return [p for p in checkpoints(out_dir) if p not in foreign]
 
 
-def refused_files(out_dir: str | Path, chosen: Path | None) -> list[Path]:
-    """The ``ckpt_<step>.pt`` files that :func:`load_latest` tried and refused before it took ``chosen``
-    (all it tried when ``chosen`` is None): a refused ``last.pt`` stands for the file it links."""
+def foreign_files(out_dir: str | Path, chosen: Path | None, step: int) -> list[Path]:
+    """The ``ckpt_<step>.pt`` files that are not the run's own once it resumes from ``chosen`` (at
+    ``step``): those :func:`load_latest` tried and refused before it took ``chosen`` (a refused
+    ``last.pt`` stands for the file it links), and those numbered past ``step``, which the run
+    did not write on its way there. With ``chosen`` None, every file."""
     tried = candidates(out_dir)
     tried = tried[:tried.index(chosen)] if chosen in tried else tried
-    return [p for p in checkpoints(out_dir) if any(os.path.samefile(p, t) for t in tried)]
+    return [p for p in checkpoints(out_dir)
+            if chosen is None or int(PATTERN.match(p.name).group(1)) > step
+            or any(os.path.samefile(p, t) for t in tried)]
 
 
 def _payload(data: bytes, path: Path) -> memoryview | None:

@@ -31,7 +31,7 @@ class Diverged(ConfigError):
 
 
 def diverged_message(run: Run, what: str) -> str:
-    kept = checkpoint.own(run.out, run.refused)
+    kept = checkpoint.own(run.out, run.foreign)
     return (f"training diverged: {what}; "
             + (f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint had been written yet")
             + f" (optim.lr={run.cfg.optim.lr:g} may be too large)")
@@ -68,15 +68,15 @@ def save_checkpoint(run: Run) -> None:
         "probe_optimizer": run.learner.probe_opt.state_dict() if run.learner.probe_opt is not None else None,
         "diag_corr": run.diag_corr, "diagnostics": run.diag.state_dict(), "metrics_lines": run.mlog.lines,
     }
-    checkpoint.save(state, run.out, run.step, run.cfg.ckpt.keep, run.refused)
+    checkpoint.save(state, run.out, run.step, run.cfg.ckpt.keep, run.foreign)
     run.saved_at = (run.step, run.epoch, run.batch)
 
 
 def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | None]:
     """Rank 0 locks ``run.out``, removes temp files of interrupted saves, sets the folder's contents
     aside when ``fresh``, and picks the newest usable checkpoint; every rank loads that same one.
-    The files it refused (damaged, or not fitting this run) go into ``run.refused``: checkpoint
-    retention never counts or deletes them.
+    The files that are not the run's own (refused as damaged or not fitting, or numbered past the
+    chosen one) go into ``run.foreign``: checkpoint retention never counts or deletes them.
 
     Returns (the lock on rank 0, else None; the checkpoint's state or None; its path).
     Raises ConfigError on every rank when rank 0 found a problem (folder in use, none usable).
@@ -85,7 +85,7 @@ def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | 
     if run.info.is_main:
         try:
             lock, state, path = _claim_on_main(run.out, fresh, weights_fit(run))
-            run.refused = tuple(checkpoint.refused_files(run.out, path))
+            run.foreign = tuple(checkpoint.foreign_files(run.out, path, state["step"] if state else 0))
         except ConfigError as e:
             if not run.info.distributed:
                 raise

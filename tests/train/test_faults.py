@@ -578,7 +578,8 @@ def test_features_that_overflow_are_one_divergence_line(tmp_path):
 # ----------------------------------------------------------------------------- issue 25
 
 
-def test_retention_counts_only_the_runs_own_loadable_checkpoints(finished, tmp_path, capsys):
+@pytest.mark.parametrize("last_links", ["foreign", "own"])
+def test_retention_counts_only_the_runs_own_loadable_checkpoints(finished, tmp_path, last_links, capsys):
     # issue 25.2: a foreign ckpt_000000099.pt that does not fit was counted, and the run's own usable
     # ckpt_000000004.pt deleted; once last.pt was damaged, the resume found "no usable checkpoint"
     from train.model import build_model
@@ -587,13 +588,18 @@ def test_retention_counts_only_the_runs_own_loadable_checkpoints(finished, tmp_p
     cfg = load_config(None, [*RUN, "model.proj_dim=32"])
     foreign = {**checkpoint.load(out / CKPT4), "config": to_dict(cfg), "model": build_model(cfg, 1, 0).state_dict()}
     checkpoint.save({**foreign, "step": 99}, out, 99, keep=3)  # intact and loadable; last.pt links it
+    if last_links == "own":  # the foreign file is never tried: last.pt, the run's newest, is taken first
+        (out / "last.pt").unlink()
+        os.link(out / CKPT4, out / "last.pt")
     pretrain.main(load_config(None, [*RUN, "ckpt.keep=2"]), out)  # trains step 5: the run's own are 4 and 5
-    assert f"{out / 'last.pt'} does not fit this run" in capsys.readouterr().err
+    if last_links == "foreign":
+        assert f"{out / 'last.pt'} does not fit this run" in capsys.readouterr().err
     assert [p.name for p in checkpoint.checkpoints(out)] == [CKPT4, CKPT5, "ckpt_000000099.pt"]
     _flip(out / "last.pt")  # and ckpt_000000005.pt, its hard link
     pretrain.main(load_config(None, [*RUN, "ckpt.keep=2"]), out)
     assert f"resumed from {out / CKPT4}" in capsys.readouterr().out
     assert checkpoint.load(out / "last.pt")["step"] == 5
+    assert checkpoint.load(out / "ckpt_000000099.pt")["step"] == 99  # never deleted, never changed
 
 
 @pytest.mark.parametrize("line", ["5", '"linear_eval"', "[1, 2]", "null"])
