@@ -676,7 +676,8 @@ def test_a_predictor_backend_that_cannot_run_here_is_one_line_before_anything_is
         pytest.skip(f"{backend} runs on CPU in this process")
     out = tmp_path / "run"
     line = _cli(["--out", str(out), *RUN, f"predictor.backend={backend}"])
-    assert line.startswith(f"error: predictor.backend={backend}: backend '{backend}' does not run on device cpu")
+    assert line.startswith(f"error: predictor.backend={backend}: backend '{backend}' ")
+    assert "does not run on device cpu" in line or "is not available" in line  # not installed here, say
     assert not out.exists()
 
 
