@@ -16,6 +16,11 @@ Jacobian ``W_p^T``; so it needs no ``W_p^(1/2)`` and no second eigendecompositio
 Every function here works on one view pair: call it once per pair, whether the predictions of
 both views came from one concatenated predictor call or from one call per view. The loss is
 computed with autocast off, in float32 for half-precision inputs (float64 stays float64).
+
+An empty batch (``N = 0``, a rank whose shard is empty, as :class:`fastpred.DirectPredictor`
+allows) gives a loss of exactly 0 that keeps the graph: its backward reaches every parameter
+with a zero gradient, so DDP's all-reduce of the other ranks' gradients goes on (a mean over no
+samples would be NaN and poison them).
 """
 from __future__ import annotations
 
@@ -52,12 +57,15 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 
 def _pair_loss(p: Tensor, z_target: Tensor, form: str) -> Tensor:
-    """The batch mean of the per-sample loss, in float32 or wider (autocast off)."""
+    """The batch mean of the per-sample loss, in float32 or wider (autocast off); for an empty
+    batch, 0 with the graph kept (the sum over no samples), not the NaN of an empty mean."""
     with torch.autocast(p.device.type, enabled=False):
         p, t = _at_least_float32(p), _at_least_float32(z_target)
         if form == "cosine":
-            return (2 - 2 * nnf.cosine_similarity(p, t, dim=-1)).mean()
-        return (p - t).pow(2).sum(dim=-1).mean()
+            per_sample = 2 - 2 * nnf.cosine_similarity(p, t, dim=-1)
+        else:
+            per_sample = (p - t).pow(2).sum(dim=-1)
+        return per_sample.mean() if per_sample.numel() else per_sample.sum()
 
 
 def byol_loss(p: Tensor, z_target: Tensor, form: str = "cosine") -> Tensor:
@@ -75,7 +83,7 @@ def byol_loss(p: Tensor, z_target: Tensor, form: str = "cosine") -> Tensor:
         form: ``"cosine"`` or ``"euclidean"``.
 
     Returns:
-        A scalar, float32 (float64 for float64 inputs).
+        A scalar, float32 (float64 for float64 inputs); 0 with the graph kept for ``N = 0``.
 
     Raises:
         ValueError: ``form`` unknown, or shapes not ``(N, d)`` alike.
@@ -131,7 +139,8 @@ def isoloss(z: Tensor, p: Tensor, z_target: Tensor, form: str = "cosine") -> Ten
         form: ``"cosine"`` or ``"euclidean"``.
 
     Returns:
-        A scalar, float32 (float64 for float64 inputs), whose gradient flows to ``z`` only.
+        A scalar, float32 (float64 for float64 inputs), whose gradient flows to ``z`` only; 0
+        with the graph kept for ``N = 0``.
 
     Raises:
         ValueError: ``form`` unknown, or shapes not ``(N, d)`` alike.

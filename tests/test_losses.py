@@ -262,3 +262,17 @@ def test_compiles():
 def test_bad_input_names_the_argument(call, err, needle):
     with pytest.raises(err, match=needle):
         call()
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("which", ["byol", "isoloss"])
+def test_an_empty_batch_is_a_zero_loss_whose_backward_gives_zero_gradients(which, form):
+    # issue 25: NaN for N = 0, which a DDP all-reduce would spread to every rank's gradients
+    torch.manual_seed(0)
+    online = torch.nn.Linear(4, 4)
+    z = online(torch.zeros(0, 4))
+    target = torch.zeros(0, 4)
+    loss = byol_loss(z, target, form) if which == "byol" else isoloss(z, z * 2, target, form)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(online.weight.grad, torch.zeros(4, 4)) and torch.equal(online.bias.grad, torch.zeros(4))

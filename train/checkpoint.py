@@ -3,7 +3,9 @@
 A checkpoint file is what ``torch.save`` writes, followed by a trailer: ``DIGEST_MAGIC`` and the
 SHA-256 of everything before it (``torch.load`` ignores bytes after the zip archive, so the file
 still loads with plain ``torch.load``; a file without the trailer, from an older version, loads
-with a warning). Writes are atomic (a temp file renamed into place), the last k are kept and
+with a warning). Writes are atomic (a temp file renamed into place), the run's own last k are kept
+(a file that is not the run's own, which the resume refused as damaged or not fitting, or that
+is numbered past the step the run resumed from, is neither counted nor deleted) and
 ``last.pt`` links the newest. Loading verifies the digest before unpickling, unpickles with
 ``weights_only=True`` (tensors and plain containers only: a pickle that would run code is
 refused) and checks the keys the caller needs; :func:`load_latest` falls back to the next older
@@ -22,7 +24,7 @@ import io
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -82,12 +84,17 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
+def save(state: dict, out_dir: str | Path, step: int, keep: int, foreign: Collection[Path] = ()) -> Path:
     """Write ``ckpt_<step>.pt`` atomically, point ``last.pt`` at it, delete all but the newest ``keep``.
+
+    ``foreign``: checkpoints that are not the run's own (:func:`foreign_files`); retention neither
+    counts them nor deletes them, so a foreign file never pushes out the run's own (the one this
+    save replaces, at the same step, is the run's own from now on).
 
     Raises:
         CheckpointError: the file could not be written (full disk, read-only folder); the previous
-            checkpoints are untouched and no temp file is left.
+            checkpoints are untouched and no temp file is left. Or ``last.pt`` could not be replaced
+            (a folder in its place, say): the message names it.
     """
     out = Path(out_dir)
     path = out / f"ckpt_{step:09d}.pt"
@@ -95,13 +102,34 @@ def save(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
     torch.save(state, buf)
     try:
         _atomic_write(buf.getbuffer(), path)
-        _point_last(path)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "
                               "the previous checkpoints are intact") from e
-    for old in checkpoints(out)[:-max(1, keep)]:
+    try:
+        _point_last(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot point {out / 'last.pt'} at the new checkpoint: {e.strerror or e} "
+                              f"({path} was written; a resume finds it)") from e
+    for old in own(out, [p for p in foreign if p != path])[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return path
+
+
+def own(out_dir: str | Path, foreign: Collection[Path] = ()) -> list[Path]:
+    """The ``ckpt_<step>.pt`` files but the ``foreign`` ones, oldest first."""
+    return [p for p in checkpoints(out_dir) if p not in foreign]
+
+
+def foreign_files(out_dir: str | Path, chosen: Path | None, step: int) -> list[Path]:
+    """The ``ckpt_<step>.pt`` files that are not the run's own once it resumes from ``chosen`` (at
+    ``step``): those :func:`load_latest` tried and refused before it took ``chosen`` (a refused
+    ``last.pt`` stands for the file it links), and those numbered past ``step``, which the run
+    did not write on its way there. With ``chosen`` None, every file."""
+    tried = candidates(out_dir)
+    tried = tried[:tried.index(chosen)] if chosen in tried else tried
+    return [p for p in checkpoints(out_dir)
+            if chosen is None or int(PATTERN.match(p.name).group(1)) > step
+            or any(os.path.samefile(p, t) for t in tried)]
 
 
 def _payload(data: bytes, path: Path) -> memoryview | None:

@@ -38,6 +38,7 @@ from .config import PRESET_DIR, Config, diff, from_dict, load_config
 from .model import build_backbone
 
 TORCHVISION_ARCHS = ("resnet18", "resnet50")
+REPO = Path(__file__).resolve().parents[1]  # the clone that holds train/ (for SmallResNet)
 
 
 class ExportError(ValueError):
@@ -141,10 +142,14 @@ def export(ckpt: str | Path, out: str | Path, target: bool = False) -> dict:
 
 
 def load_snippet(meta: dict, path: Path) -> str:
-    """Python lines, complete with their imports, that rebuild the network and load the exported weights."""
+    """Python lines, complete with their imports, that rebuild the network and load the exported
+    weights: a script that runs from any folder (the weights by their absolute path; for
+    ``SmallResNet``, this clone put on ``sys.path``)."""
+    path = Path(path).resolve()
     if meta["torchvision_model"] is None:
-        return (f"import torch\n"
-                f"from train.model import SmallResNet  # this repository's network (run from its clone)\n"
+        return (f"import sys, torch\n"
+                f"sys.path.insert(0, {str(REPO)!r})  # this clone: SmallResNet is its network, not torchvision's\n"
+                f"from train.model import SmallResNet\n"
                 f"net = SmallResNet(in_channels={meta['in_channels']})\n"
                 f"net.load_state_dict(torch.load({str(path)!r}, weights_only=True))")
     lines = ["import torch, torchvision", f"net = torchvision.models.{meta['torchvision_model']}()",

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import fastpred.backends
 import fastpred.functional
 
 from . import data, monitor
-from .augment import eval_transform, two_view_transforms
+from .augment import check_blur, eval_transform, two_view_transforms
 from .batch_augment import BatchAugment
 from .config import Config, ConfigError, SettingsDiffer, flat, key_summary, load_config, presets, to_yaml, validate
 from .model import build_model, predictor_matrix
@@ -47,6 +48,17 @@ from .utils import (DistInfo, Preemption, Timer, all_reduce_sum, cleanup_distrib
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_backend(cfg: Config, device: torch.device) -> None:
+    """Raise ``ValueError`` naming ``predictor.backend`` when DirectPred's backend cannot run on
+    ``device`` (``triton`` or ``cupy`` on a CPU-only machine, say), instead of failing at the first step."""
+    if cfg.predictor.name != "directpred":
+        return
+    try:
+        fastpred.backends.resolve(cfg.predictor.backend, device)
+    except RuntimeError as e:
+        raise ValueError(f"predictor.backend={cfg.predictor.backend}: {e}") from None
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if cfg.amp not in AMP:
         raise ValueError(f"amp={cfg.amp!r}: expected none, bf16 or fp16")
@@ -56,6 +68,27 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class EveryRankError(ConfigError):
+    """An error found by the ranks of a distributed run, gathered so that every rank raises the
+    same message; ``rank`` says which one this is (rank 0 alone reports it)."""
+
+    def __init__(self, msg: str, rank: int) -> None:
+        super().__init__(msg)
+        self.rank = rank
+
+
+def gathered_error(error: str | None, rank: int) -> None:
+    """Collective: raise :class:`EveryRankError` on every rank when any rank found ``error`` (one
+    message when all ranks found the same, else each rank's, named)."""
+    errors = gather_objects(error)
+    found = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not found:
+        return
+    if len(found) == len(errors) and len({e for _, e in found}) == 1:
+        raise EveryRankError(found[0][1], rank)
+    raise EveryRankError("; ".join(f"rank {r}: {e}" for r, e in found), rank)
 
 
 def own_corr(predictor: nn.Module) -> torch.Tensor | None:
@@ -269,6 +302,8 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     Raises ConfigError naming the key or path for every user mistake found here."""
     try:
         data.check_data(cfg.data)  # a wrong path fails before anything heavy
+        check_blur(cfg.aug, cfg.data.image_size)
+        check_backend(cfg, info.device)
         if cfg.batch_size % info.world_size or cfg.batch_size < 2 * info.world_size:
             raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {info.world_size} processes, "
                              "at least 2 per process (BatchNorm needs more than one image)")
@@ -369,7 +404,13 @@ def main(cfg: Config, out_dir: str | Path, fresh: bool = False) -> dict:
         if differ:  # would hang in a collective, or train different things on each rank
             raise SettingsDiffer(f"the {info.world_size} processes were given different settings: "
                                  f"{'; '.join(differ)}", rank=info.rank)
-        run = setup(cfg, Path(out_dir), info)
+        try:
+            run, error = setup(cfg, Path(out_dir), info), None
+        except ConfigError as e:
+            if not info.distributed:
+                raise
+            error = str(e)
+        gathered_error(error, info.rank)  # one line from rank 0, not one per rank
         lock, state, path = claim_folder(run, fresh)
         try:
             trained = state is not None and state["epoch"] >= cfg.epochs and state["batch"] == 0
@@ -417,7 +458,7 @@ def cli(argv: list[str] | None = None) -> None:
             print(to_yaml(cfg), end="")
             return
         main(cfg, args.out or str(Path("runs") / Path(args.config or "digits").stem), fresh=args.fresh)
-    except SettingsDiffer as e:  # the same line on every rank: rank 0 says it, the others stop quietly
+    except (SettingsDiffer, EveryRankError) as e:  # the same line on every rank: rank 0 says it, the others quietly
         exit_with_error(str(e), report=e.rank == 0)
     except ConfigError as e:
         exit_with_error(str(e))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -14,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint
-from .config import Config, ConfigError, diff, from_saved, save_yaml, to_dict
+from .config import Config, ConfigError, diff, from_saved, to_dict, to_yaml
 from .run_state import EpochSums, Run, bare_module, host_losses
 from .utils import (MetricsLog, all_reduce_sum, gather_objects, log, read_metrics, rng_state, set_rng_state,
                     warn)
@@ -30,7 +31,7 @@ class Diverged(ConfigError):
 
 
 def diverged_message(run: Run, what: str) -> str:
-    kept = checkpoint.checkpoints(run.out)
+    kept = checkpoint.own(run.out, run.foreign)
     return (f"training diverged: {what}; "
             + (f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint had been written yet")
             + f" (optim.lr={run.cfg.optim.lr:g} may be too large)")
@@ -67,13 +68,15 @@ def save_checkpoint(run: Run) -> None:
         "probe_optimizer": run.learner.probe_opt.state_dict() if run.learner.probe_opt is not None else None,
         "diag_corr": run.diag_corr, "diagnostics": run.diag.state_dict(), "metrics_lines": run.mlog.lines,
     }
-    checkpoint.save(state, run.out, run.step, run.cfg.ckpt.keep)
+    checkpoint.save(state, run.out, run.step, run.cfg.ckpt.keep, run.foreign)
     run.saved_at = (run.step, run.epoch, run.batch)
 
 
 def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | None]:
     """Rank 0 locks ``run.out``, removes temp files of interrupted saves, sets the folder's contents
     aside when ``fresh``, and picks the newest usable checkpoint; every rank loads that same one.
+    The files that are not the run's own (refused as damaged or not fitting, or numbered past the
+    chosen one) go into ``run.foreign``: checkpoint retention never counts or deletes them.
 
     Returns (the lock on rank 0, else None; the checkpoint's state or None; its path).
     Raises ConfigError on every rank when rank 0 found a problem (folder in use, none usable).
@@ -82,6 +85,7 @@ def claim_folder(run: Run, fresh: bool) -> tuple[IO | None, dict | None, Path | 
     if run.info.is_main:
         try:
             lock, state, path = _claim_on_main(run.out, fresh, weights_fit(run))
+            run.foreign = tuple(checkpoint.foreign_files(run.out, path, state["step"] if state else 0))
         except ConfigError as e:
             if not run.info.distributed:
                 raise
@@ -211,24 +215,47 @@ def restore(run: Run, state: dict, path: Path) -> list[str]:
 def start(run: Run, state: dict | None, path: Path | None) -> None:
     """Restore ``state`` if any, open the metrics log, record the configuration, wrap in DDP.
 
-    ``config.yaml`` is written once, when the run starts (or from the checkpoint, when missing),
-    and never rewritten: a resume with values other than the checkpoint's saves them beside it as
-    ``config_from_step_<step>.yaml``."""
+    ``config.yaml`` is the configuration the run started with: written when it starts from no
+    checkpoint (replacing the one a run that failed before its first checkpoint left there), or from
+    the checkpoint when missing, and never rewritten by a resume: a resume with values other than
+    the checkpoint's saves them beside it as ``config_from_step_<step>.yaml``."""
     changed = restore(run, state, path) if state is not None else []
     run.mlog = MetricsLog(run.out, run.info.is_main, keep_lines=state["metrics_lines"] if state else 0,
                           purge_step=run.step)
     if run.info.is_main:
-        if not (run.out / "config.yaml").exists():
-            save_yaml(state["config"] if state is not None else run.cfg, run.out / "config.yaml")
+        config_yaml = run.out / "config.yaml"
+        if state is None:
+            if config_yaml.is_file() and config_yaml.read_text(errors="replace") != to_yaml(run.cfg):
+                log(f"{config_yaml} was left by a run that wrote no checkpoint: replaced by this run's configuration")
+            _write_text(config_yaml, to_yaml(run.cfg))
+        elif not config_yaml.exists():
+            _write_text(config_yaml, to_yaml(state["config"]))
         if changed:
             beside = run.out / f"config_from_step_{run.step}.yaml"
-            save_yaml(run.cfg, beside)
+            _write_text(beside, to_yaml(run.cfg))
             log(f"config.yaml keeps the configuration of the checkpoint; this run's is in {beside.name}")
     if run.info.distributed:  # wrap after restoring; DDP broadcasts rank 0's weights
         ids = [run.info.device.index] if run.info.device.type == "cuda" else None
         run.learner.model = DDP(run.learner.bare, device_ids=ids)
         if run.learner.probe is not None:
             run.learner.probe = DDP(run.learner.probe, device_ids=ids)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``text`` into ``path``, whole or not at all (a temp file renamed into place).
+
+    Raises:
+        ConfigError: naming ``path`` when it cannot be written (a folder in its place, a full disk)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def finished_outputs(out: Path, step: int) -> bool:

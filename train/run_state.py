@@ -77,6 +77,7 @@ class Run:
     sums: EpochSums = field(default_factory=EpochSums)
     last_eval: dict = field(default_factory=dict)
     saved_at: tuple = ()
+    foreign: tuple[Path, ...] = ()  # checkpoints not the run's own: retention neither counts nor deletes them
 
 
 def bare_module(m: nn.Module) -> nn.Module:

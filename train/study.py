@@ -58,7 +58,10 @@ COLLAPSE_ERANK = 2.0  # effective rank below this: the features collapsed (monit
 SIMILAR_MARGIN = 1.0
 CLAIM_SIGN = {"above": 1, "learns": 1, "below": -1, "collapses": -1}  # the sign of (row - compared row) claimed
 ROW_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a folder name under OUT/runs/, never a path
-RECORD_KEYS = ("row", "seed", "config")  # what every run record of study.json carries
+# the fields of a run record in study.json and their types; the first four every record carries
+RECORD_FIELDS = {"row": str, "seed": int, "config": dict, "wall_s": (int, float), "reference": str, "set": list,
+                 "metrics": dict, "error": str, "jobs": int, "resumed": bool, "finished_at": str}
+RECORD_KEYS = ("row", "seed", "config", "wall_s")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -227,14 +230,40 @@ def load_state(out: Path, grid: Grid) -> dict:
         if not isinstance(state, dict) or not isinstance(state.get("runs"), dict):
             raise ValueError("not a study record (expected an object with 'runs')")
         for key, rec in state["runs"].items():
-            if not isinstance(rec, dict) or (missing := [k for k in RECORD_KEYS if k not in rec]):
-                raise ValueError(f"run {key!r} lacks {', '.join(missing) if isinstance(rec, dict) else 'a record'}")
+            check_record(key, rec)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         reason = " ".join(str(e).split())[:200]
         raise ConfigError(f"{path} is damaged ({reason}): move it aside to record the study anew; the runs' "
                           "folders are kept and finished runs resume from their checkpoints") from None
     check_unchanged(grid, state)
     return state
+
+
+def check_record(key: str, rec: Any) -> None:
+    """A run record of study.json: an object with the :data:`RECORD_KEYS`, each field of its
+    :data:`RECORD_FIELDS` type (a bool is no number) and numbers (or null) as metrics.
+
+    Raises:
+        ValueError: naming the run and the field."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"run {key!r} is not a record but {type(rec).__name__}")
+    missing = [k for k in RECORD_KEYS if k not in rec]
+    if missing:
+        raise ValueError(f"run {key!r} lacks {', '.join(missing)}")
+    for field_name, kind in RECORD_FIELDS.items():
+        value = rec.get(field_name)
+        if field_name in rec and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+            raise ValueError(f"run {key!r}: {field_name} is {value!r}, not {_kind_name(kind)}")
+    if rec["seed"] < 0:
+        raise ValueError(f"run {key!r}: seed is {rec['seed']}, not >= 0")
+    for name, value in (rec.get("metrics") or {}).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"run {key!r}: metric {name} is {value!r}, not a number")
+
+
+def _kind_name(kind: type | tuple) -> str:
+    names = {str: "a string", int: "an integer", dict: "an object", list: "a list", bool: "true or false"}
+    return "a number" if isinstance(kind, tuple) else names[kind]
 
 
 def save_state(out: Path, state: dict) -> None:
@@ -340,6 +369,19 @@ def final_metrics(run_dir: Path) -> dict | None:
     """The pre-training's last ``"final": true`` line of metrics.jsonl, or None when unfinished."""
     finals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("final") and "linear_eval" not in r]
     return finals[-1] if finals else None
+
+
+def make_run_folder(run_dir: Path) -> None:
+    """Create a run's folder (``OUT/runs/<row>/seed<n>``).
+
+    Raises:
+        ConfigError: it cannot be created, e.g. a regular file is in its place (one line naming it)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else (e.strerror or str(e))
+        raise ConfigError(f"cannot create the run folder {run_dir}: {why}; move it aside and re-run") from None
 
 
 def execute(grid: Grid, row: Row, seed: int, run_dir: Path, runner: Runner) -> dict:
@@ -689,6 +731,7 @@ def _run(grid: Grid, grid_name: str, out: Path, seeds: int, jobs: int = 1) -> di
         """Run and record (row, seed); False when the study was asked to stop."""
         key = run_key(row, seed)
         run_dir = out / "runs" / row.name / f"seed{seed}"
+        make_run_folder(run_dir)
         spent = run_dir / "wall_s_before_stop.txt"  # time spent by earlier, interrupted attempts
         earlier = float(spent.read_text()) if spent.exists() else 0.0
         t0 = time.perf_counter()
@@ -697,7 +740,6 @@ def _run(grid: Grid, grid_name: str, out: Path, seeds: int, jobs: int = 1) -> di
         try:
             rec["metrics"] = execute(grid, row, seed, run_dir, runner)
         except Stop:
-            run_dir.mkdir(parents=True, exist_ok=True)
             spent.write_text(str(earlier + time.perf_counter() - t0))
             print(f"stopped before finishing {key}; re-run the same command to continue", flush=True)
             return False

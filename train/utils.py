@@ -244,11 +244,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _kept_on_resume(line: str) -> bool:
-    """A metrics line another tool wrote (linear evaluation), or one that is not JSON: never ours to drop."""
+    """A metrics line another tool wrote (linear evaluation), or one that is not a JSON object (``5``,
+    a string, a line that does not parse): never ours to drop; :func:`read_metrics` skips it with a warning."""
     try:
-        return "linear_eval" in json.loads(line)
+        rec = json.loads(line)
     except ValueError:
         return True
+    return not isinstance(rec, dict) or "linear_eval" in rec
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from ._checks import nonneg, real
+
 __all__ = [
     "collapse_threshold",
     "fixed_points",
@@ -35,17 +37,12 @@ __all__ = [
 ]
 
 
-def _check_nonneg(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
 def collapse_threshold(tau: float, sigma2: float) -> float:
     """Largest weight decay with non-collapsed fixed points, ``tau^2 / (4 (1 + sigma2))``.
 
     Above it only the collapsed fixed point ``p = 0`` of Eq. 16 remains (Obs #5).
     """
-    _check_nonneg("sigma2", sigma2)
+    tau, sigma2 = real("tau", tau), nonneg("sigma2", sigma2)
     return tau * tau / (4.0 * (1.0 + sigma2))
 
 
@@ -67,15 +64,15 @@ def fixed_points(tau: float, eta: float, sigma2: float) -> tuple[float, float] |
         (only the collapsed fixed point exists, Obs #5).
 
     Raises:
-        ValueError: if ``eta`` or ``sigma2`` is negative or not finite.
+        ValueError: if ``eta`` or ``sigma2`` is negative, or an argument is not finite.
+        TypeError: if an argument is not a real number.
 
     Example:
         >>> fixed_points(1.0, 0.01, 0.0)
         (0.010102051443364402, 0.9898979485566356)
     """
-    _check_nonneg("eta", eta)
-    _check_nonneg("sigma2", sigma2)
-    return mode_fixed_points(tau, eta, 1.0 + sigma2, 1.0)
+    sigma2 = nonneg("sigma2", sigma2)
+    return mode_fixed_points(tau, nonneg("eta", eta), 1.0 + sigma2, 1.0)
 
 
 def mode_fixed_points(tau: float, eta: float, lambda_s: float,
@@ -93,9 +90,12 @@ def mode_fixed_points(tau: float, eta: float, lambda_s: float,
         ``(p_minus, p_plus)`` or ``None`` when ``tau^2 lambda_d^2 < 4 eta lambda_s``.
 
     Raises:
-        ValueError: if ``lambda_s <= 0``.
+        ValueError: if ``lambda_s <= 0``, or an argument is not finite.
+        TypeError: if an argument is not a real number.
     """
-    if not (math.isfinite(lambda_s) and lambda_s > 0):
+    tau, eta, lambda_d = real("tau", tau), real("eta", eta), real("lambda_d", lambda_d)
+    lambda_s = real("lambda_s", lambda_s)
+    if lambda_s <= 0:
         raise ValueError(f"lambda_s must be a positive finite number, got {lambda_s!r}")
     disc = (tau * lambda_d) ** 2 - 4.0 * eta * lambda_s
     if disc < 0:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import count, nonneg
+
 __all__ = [
     "AdditiveScrambling",
     "MultiplicativeScrambling",
@@ -149,9 +151,12 @@ class MultiplicativeScrambling:
 
 
 def isotropic(n: int, sigma2: float) -> AdditiveScrambling:
-    """Assumption 2: ``X = I``, ``X' = sigma2 I`` in ``n`` dimensions."""
-    if sigma2 < 0:
-        raise ValueError(f"sigma2 must be >= 0, got {sigma2!r}")
+    """Assumption 2: ``X = I``, ``X' = sigma2 I`` in ``n`` dimensions.
+
+    Raises:
+        ValueError / TypeError: ``n`` is not an integer >= 1, or ``sigma2`` not a finite number >= 0.
+    """
+    n, sigma2 = count("n", n, 1), nonneg("sigma2", sigma2)
     return AdditiveScrambling(np.eye(n), sigma2 * np.eye(n))
 
 
@@ -169,7 +174,15 @@ def top_left_eigenvectors(M: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
 
     Returns:
         ``(eigenvalues (k,), orthonormal basis (k, n) of their span)``.
+
+    Raises:
+        ValueError: ``M`` is not square, or ``k`` is not in ``[0, n]``.
+        TypeError: ``k`` is not an integer.
     """
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be a square matrix, got shape {M.shape}")
+    k = count("k", k, 0, M.shape[0])
     evals, evecs = np.linalg.eig(M.T)
     order = np.argsort(-evals.real)[:k]
     basis, _ = np.linalg.qr(evecs[:, order].real)

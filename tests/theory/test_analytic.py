@@ -57,6 +57,18 @@ def test_fixed_points_reject_bad_input():
         fixed_points(1.0, 0.1, -1.0)
 
 
+@pytest.mark.parametrize("args, error, named", [
+    (("a", 0.1, 0.0), TypeError, "tau must be a real number, got 'a'"),  # issue 25: a TypeError naming nothing
+    ((1.0, None, 0.0), TypeError, "eta must be a real number, got None"),
+    ((float("nan"), 0.1, 0.0), ValueError, "tau must be a finite number, got nan"),
+    ((1.0, 0.1, float("inf")), ValueError, "sigma2 must be a finite number"),
+])
+def test_fixed_points_name_the_argument_that_is_not_a_number(args, error, named):
+    with pytest.raises(error) as e:
+        fixed_points(*args)
+    assert named in str(e.value)
+
+
 def test_tau_closed_form_constant_p():
     """Eq. 15 with constant p is by hand tau(t) = 1 - exp(-beta t)."""
     t = np.linspace(0, 10, 2001)

@@ -117,3 +117,27 @@ def test_models_reject_bad_input():
         AdditiveScrambling(np.array([[1.0, 1.0], [0.0, 1.0]]), np.eye(2))
     with pytest.raises(ValueError, match="sigma2"):
         isotropic(3, -1.0)
+
+
+def test_isotropic_names_a_nan_variance():
+    # issue 25: "sigma_n must be symmetric" when the problem was the NaN
+    with pytest.raises(ValueError, match="sigma2 must be a finite number, got nan"):
+        isotropic(3, float("nan"))
+    with pytest.raises(TypeError, match="n must be an integer"):
+        isotropic(2.5, 0.1)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_top_left_eigenvectors_returns_exactly_k(k):
+    M = np.diag([3.0, 1.0, 2.0])  # left eigenvectors e_0, e_2, e_1 in decreasing eigenvalue order
+    evals, basis = top_left_eigenvectors(M, k)
+    assert evals.shape == (k,) and basis.shape == (k, 3)
+    np.testing.assert_allclose(evals, [3.0, 2.0, 1.0][:k])
+    np.testing.assert_allclose(np.abs(basis), np.eye(3)[[0, 2, 1][:k]], atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [-1, 4, 5])
+def test_top_left_eigenvectors_refuses_k_out_of_range(k):
+    # issue 25.3: k=-1 returned 2 of 3 eigenvectors (a NumPy slice), k=5 returned 3
+    with pytest.raises(ValueError, match=rf"k must be in \[0, 3\], got {k}"):
+        top_left_eigenvectors(np.eye(3), k)

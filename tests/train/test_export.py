@@ -110,3 +110,28 @@ def test_the_printed_snippet_runs_as_is(tmp_path, overrides, channels):
     x = torch.randn(2, channels, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(scope["net"].eval()(x), model.backbone.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides,channels", [([], 1), (["model.arch=resnet18", "data.image_size=32"], 1)],
+                         ids=["small", "resnet18"])
+def test_the_printed_snippet_runs_as_a_file_from_another_folder(tmp_path, overrides, channels):
+    # issue 25, new user 6: saved as a file and run, the digits snippet failed with "No module named 'train'"
+    (tmp_path / "run").mkdir()
+    ckpt, model = _checkpoint(tmp_path / "run", overrides, channels)
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-m", "train.export", "--ckpt", str(ckpt), "--out", "b.pt"], cwd=work,
+                       env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    snippet = r.stdout.split("load it with:\n", 1)[1]
+    script = elsewhere / "load.py"
+    script.write_text("".join(line[2:] + "\n" for line in snippet.splitlines())
+                      + "x = torch.ones(2, %d, 32, 32)\nprint(float(net.eval()(x).double().sum()))\n" % channels)
+    r = subprocess.run([sys.executable, str(script)], cwd=elsewhere, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        want = float(model.backbone.eval()(torch.ones(2, channels, 32, 32)).double().sum())
+    assert float(r.stdout) == pytest.approx(want, rel=1e-6)

@@ -573,3 +573,121 @@ def test_features_that_overflow_are_one_divergence_line(tmp_path):
     line = _cli(["--out", str(tmp_path / "run"), "epochs=1", "batch_size=256", "ckpt.every_steps=0",
                  "monitor.knn_max_train=200", "loss.name=isoloss", "loss.form=euclidean"])
     assert line.startswith("error: training diverged: ") and "features are not finite" in line
+
+
+# ----------------------------------------------------------------------------- issue 25
+
+
+@pytest.mark.parametrize("last_links", ["foreign", "own"])
+def test_retention_counts_only_the_runs_own_loadable_checkpoints(finished, tmp_path, last_links, capsys):
+    # issue 25.2: a foreign ckpt_000000099.pt that does not fit was counted, and the run's own usable
+    # ckpt_000000004.pt deleted; once last.pt was damaged, the resume found "no usable checkpoint"
+    from train.model import build_model
+
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    cfg = load_config(None, [*RUN, "model.proj_dim=32"])
+    foreign = {**checkpoint.load(out / CKPT4), "config": to_dict(cfg), "model": build_model(cfg, 1, 0).state_dict()}
+    checkpoint.save({**foreign, "step": 99}, out, 99, keep=3)  # intact and loadable; last.pt links it
+    if last_links == "own":  # the foreign file is never tried: last.pt, the run's newest, is taken first
+        (out / "last.pt").unlink()
+        os.link(out / CKPT4, out / "last.pt")
+    pretrain.main(load_config(None, [*RUN, "ckpt.keep=2"]), out)  # trains step 5: the run's own are 4 and 5
+    if last_links == "foreign":
+        assert f"{out / 'last.pt'} does not fit this run" in capsys.readouterr().err
+    assert [p.name for p in checkpoint.checkpoints(out)] == [CKPT4, CKPT5, "ckpt_000000099.pt"]
+    _flip(out / "last.pt")  # and ckpt_000000005.pt, its hard link
+    pretrain.main(load_config(None, [*RUN, "ckpt.keep=2"]), out)
+    assert f"resumed from {out / CKPT4}" in capsys.readouterr().out
+    assert checkpoint.load(out / "last.pt")["step"] == 5
+    assert checkpoint.load(out / "ckpt_000000099.pt")["step"] == 99  # never deleted, never changed
+
+
+@pytest.mark.parametrize("line", ["5", '"linear_eval"', "[1, 2]", "null"])
+def test_a_metrics_line_that_is_json_but_not_an_object_does_not_stop_the_resume(finished, tmp_path, line, capsys):
+    # issue 25.4: a line `5` stopped every resume with a TypeError in utils._kept_on_resume
+    from train.utils import read_metrics
+
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    n = checkpoint.load(out / "last.pt")["metrics_lines"]
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:n]) + line + "\n" + "".join(lines[n:]))
+    pretrain.main(load_config(None, RUN), out)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_time", "images_per_s")} for r in rs]
+    assert strip(read_metrics(out / "metrics.jsonl")) == strip(read_metrics(finished / "metrics.jsonl"))
+    assert f"line {n + 1}: not a JSON record, skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batched", ["true", "false"])
+@pytest.mark.parametrize("override, named", [
+    ("data.image_size=1", "data.image_size=1 is too small to blur"),
+    ("aug.blur_kernel=2", "aug.blur_kernel=2 on data.image_size=8 gives a 17-pixel Gaussian kernel"),
+])
+def test_a_blur_kernel_wider_than_the_image_is_one_line_before_anything_is_written(tmp_path, override, named,
+                                                                                     batched):
+    # issue 25.7: a 35-81-line traceback at the first batch, in both view paths
+    out = tmp_path / "run"
+    line = _cli(["--out", str(out), *RUN, "aug.blur_p=[1,1]", f"aug.batched={batched}", override])
+    assert line.startswith(f"error: {named}") and "aug.blur_p=[0,0]" in line
+    assert not out.exists()
+
+
+def test_the_widest_blur_kernel_the_image_allows_is_the_one_torchvision_and_the_batched_path_accept():
+    # the bound is torchvision's own (reflect padding needs kernel // 2 < size); an independent check
+    from torchvision.transforms.v2 import functional as TF
+
+    from train.augment import blur_kernel
+    from train.batch_augment import blur_weights
+
+    img = torch.rand(1, 1, 8, 8)
+    assert blur_kernel(8, 15 / 8) == 15
+    TF.gaussian_blur(img, [15, 15], [1.0, 1.0])
+    blur_weights(torch.tensor([1.0]), 15, 8)
+    with pytest.raises(RuntimeError):
+        TF.gaussian_blur(img, [17, 17], [1.0, 1.0])
+    with pytest.raises(ValueError, match="17-pixel"):
+        blur_kernel(8, 2.0)
+
+
+@pytest.mark.filterwarnings("ignore:DirectPredictor.*non-finite:RuntimeWarning")
+def test_config_yaml_is_the_configuration_of_a_rerun_after_a_run_that_wrote_no_checkpoint(tmp_path, capsys):
+    # issue 25, new user 2: a run that failed before its first checkpoint left its config.yaml; the
+    # re-run with the lr the divergence message suggests trained with config.yaml still saying the old lr
+    import yaml
+
+    out = tmp_path / "run"
+    first = ["epochs=1", "batch_size=256", "log_every=1", "ckpt.every_steps=0", "monitor.knn_max_train=200"]
+    line = _cli(["--out", str(out), *first, "optim.lr=1.0e+30"])
+    assert "no checkpoint had been written yet" in line
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 1e30
+    pretrain.main(load_config(None, [*first, "optim.lr=0.005"]), out)
+    assert "replaced by this run's configuration" in capsys.readouterr().out
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["optim"]["lr"] == 0.005 and written == checkpoint.load(out / "last.pt")["config"]
+    assert not list(out.glob(".config.yaml.tmp"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cupy"])
+def test_a_predictor_backend_that_cannot_run_here_is_one_line_before_anything_is_written(tmp_path, backend):
+    # issue 25, new user 3: ~45 lines of traceback at the first step, after config.yaml and tb/ were written.
+    # A fresh process without TRITON_INTERPRET (which the test suite sets): Triton cannot run on CPU there.
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "train.pretrain", "--out", str(out), *RUN,
+                        f"predictor.backend={backend}"], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: predictor.backend={backend}: backend '{backend}' ")
+    assert "does not run on device cpu" in r.stderr or "is not available" in r.stderr  # not installed, say
+    assert not out.exists()
+
+
+def test_last_pt_that_is_a_folder_is_named_in_the_error_line(finished, tmp_path):
+    # issue 25: the error named ckpt_000000005.pt, which was in fact written, instead of last.pt
+    out = _stopped_at_step_4(finished, tmp_path / "run")
+    (out / "last.pt").unlink()
+    (out / "last.pt").mkdir()
+    line = _cli(["--out", str(out), *RUN])
+    assert line.startswith(f"error: cannot point {out / 'last.pt'} at the new checkpoint: Is a directory")
+    assert checkpoint.load(out / CKPT5)["step"] == 5  # written, whole, and named as such
+    assert f"({out / CKPT5} was written" in line
+    assert not [p for p in out.iterdir() if checkpoint.TEMP.match(p.name)]

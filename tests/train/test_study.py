@@ -428,3 +428,47 @@ def test_jobs_stop_resume_and_give_the_results_of_one_at_a_time(tmp_path):
     for key in alone:
         assert together[key]["resumed"] and together[key]["jobs"] == 2 and "jobs" not in alone[key]
         assert together[key]["metrics"] == alone[key]["metrics"], key
+
+
+# ----------------------------------------------------------------------------- issue 25: study.json records, run folders
+
+
+@pytest.mark.parametrize("record, named", [
+    ({"config": "digits"}, "'dp/seed0': config is 'digits', not an object"),  # was an AttributeError traceback
+    ({"row": ["dp"]}, "'dp/seed0': row is ['dp'], not a string"),  # was TypeError: unhashable type
+    ({"seed": "zero"}, "'dp/seed0': seed is 'zero', not an integer"),  # blamed the grid
+    ({"seed": True}, "seed is True, not an integer"),
+    ({"seed": -1}, "seed is -1, not >= 0"),
+    ({"wall_s": "1h"}, "wall_s is '1h', not a number"),
+    ({"metrics": {"linear_top1": "high"}}, "metric linear_top1 is 'high', not a number"),
+    ({"metrics": [1]}, "metrics is [1], not an object"),
+], ids=["config-str", "row-list", "seed-str", "seed-bool", "seed-negative", "wall-str", "metric-str", "metrics-list"])
+def test_a_study_json_record_of_the_wrong_types_is_one_error_naming_study_json_and_the_record(tmp_path, record,
+                                                                                                named):
+    grid, out = _one_row_grid(tmp_path / "g.yaml"), tmp_path / "out"
+    good = {"row": "dp", "seed": 0, "config": study.run_config(study.load_grid(str(grid)), study.Row("dp", set=()), 0),
+            "wall_s": 1.0, "metrics": {"linear_top1": 50.0}}
+    out.mkdir()
+    content = json.dumps({"grid": "g", "preset": "digits", "runs": {"dp/seed0": {**good, **record}}}).encode()
+    (out / "study.json").write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        study.main(str(grid), out)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"{out / 'study.json'} is damaged (run ") and named in line
+    assert (out / "study.json").read_bytes() == content
+
+
+def test_a_run_folder_that_is_a_regular_file_is_one_error_line(tmp_path, monkeypatch):
+    # issue 25.5: a FileExistsError traceback
+    grid, out = _one_row_grid(tmp_path / "g.yaml"), tmp_path / "out"
+    (out / "runs" / "dp").mkdir(parents=True)
+    (out / "runs" / "dp" / "seed0").write_text("not a folder")
+    monkeypatch.setattr(study, "execute", lambda *a: pytest.fail("the run must not start"))
+    with pytest.raises(ConfigError) as e:
+        study.main(str(grid), out)
+    assert str(e.value) == (f"cannot create the run folder {out / 'runs' / 'dp' / 'seed0'}: "
+                            f"{out / 'runs' / 'dp' / 'seed0'} is a file, not a folder; move it aside and re-run")
+    assert json.loads((out / "study.json").read_text())["runs"] == {}
+    r = subprocess.run([sys.executable, "-m", "train.study", "--grid", str(grid), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {e.value}"], r.stderr
