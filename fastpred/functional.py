@@ -31,9 +31,6 @@ from .backends import Backend, reference
 from .eig_map import EigMap
 from .eigh import EighError, symmetric_eigh  # noqa: F401  (EighError: re-exported, part of this API)
 
-# |x| above this would overflow x^T x in float32 for any realistic dim: treat as bad data.
-MAX_ABS_FEATURE = 1e17
-
 # ------------------------------------------------------------------ checks
 def check_rho(rho: float) -> float:
     """``rho`` as a float; ValueError naming it unless it is a real number in [0, 1)."""
@@ -74,13 +71,6 @@ def float32_statistics(device: torch.device) -> AbstractContextManager:
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return nullcontext()
-
-
-def usable_batch(x: Tensor) -> Tensor:
-    """0-dim bool tensor on x's device: every entry of ``x`` is finite and below
-    :data:`MAX_ABS_FEATURE` in magnitude. Decided on the device (no host sync)."""
-    peak = x.abs().amax() if x.numel() else x.new_zeros(())
-    return torch.isfinite(peak) & (peak < MAX_ABS_FEATURE)
 
 
 # ------------------------------------------------------------------ Eq. 19
