@@ -82,7 +82,7 @@ class StepStatistics:
             acc.projections.add_(projections.sum(0))
 
     @torch.no_grad()
-    def fold(self, running: RunningStatistics, synced: bool) -> None:
+    def fold(self, running: RunningStatistics, synced: bool, backend: Backend | str = "auto") -> None:
         """Fold the accumulated moments into ``running`` as one batch (Eq. 19) and clear them.
 
         Under DDP (``synced``) the sums are all-reduced first (every rank takes part, also
@@ -96,15 +96,15 @@ class StepStatistics:
         if synced:
             dist.all_reduce(self.moments)
         acc = self.views()
-        skipped = ~torch.isfinite(self.moments).all()
         first = running.folded == 0
-        weight = functional.fold_moments_(
-            running.corr, acc.gram, acc.count, self.rho, first=first, fold=~skipped,
-            mean=running.mean if self.zero_mean else None, total=acc.total if self.zero_mean else None)
+        weight, usable = functional.fold_moments_(
+            running.corr, acc.gram, acc.total, acc.count, self.rho, first=first,
+            mean=running.mean if self.zero_mean else None, backend=backend)
         if running.thresholds is not None:
+            # The projections are finite wherever x^T x is (|x| < 1.8e19 then, the planes unit vectors).
             samples = acc.count[0] + acc.count[1]  # every sample is above or below hyperplane 0
-            threshold_weight = functional.ema_weight(self.rho, first=first.all(), fold=(samples > 0) & ~skipped)
+            threshold_weight = functional.ema_weight(self.rho, first=first.all(), fold=(samples > 0) & usable)
             functional.ema_(running.thresholds, acc.projections / samples.clamp(min=1), threshold_weight)
         running.folded.add_(weight > 0)
-        running.num_skipped.add_(skipped)
+        running.num_skipped.add_(~usable)
         self.clear()
