@@ -61,10 +61,10 @@ class Backend:
     device: torch.device
     gram: Callable
     corr_ema_: Callable
-    fold_: Callable
     eigh: Callable
     rebuild: Callable
-    install_: Callable
+    fold_: Callable = reference.fold_
+    install_: Callable = reference.install_
 
 
 def check_name(backend: "str | Backend") -> None:
