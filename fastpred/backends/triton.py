@@ -2,8 +2,8 @@
 
 Same signatures and mathematics as :mod:`fastpred.backends.reference`; ``eigh``
 is not defined here, so the dispatch point uses the reference's. The kernels
-(:mod:`fastpred.kernels.triton_corr`, :mod:`fastpred.kernels.triton_rebuild`,
-:mod:`fastpred.kernels.triton_fold`) are exposed as PyTorch operators
+(:mod:`fastpred.backends.triton_kernels.triton_corr`, :mod:`fastpred.backends.triton_kernels.triton_rebuild`,
+:mod:`fastpred.backends.triton_kernels.triton_fold`) are exposed as PyTorch operators
 (``torch.ops.fastpred.triton_corr_ema_``, ``triton_gram``, ``triton_rebuild``,
 ``triton_fold_``, ``triton_install_``) through ``torch.library.triton_op``, so they
 compose with ``torch.compile``.
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..eig_map import EigMap
-from ..kernels import triton_common, triton_corr, triton_fold, triton_rebuild  # noqa: F401  (registers the ops)
+from .triton_kernels import triton_common, triton_corr, triton_fold, triton_rebuild  # noqa: F401  (registers the ops)
 from . import reference
 
 __all__ = ["supports", "prefers", "corr_ema_", "gram", "fold_", "rebuild", "install_"]

@@ -114,10 +114,9 @@ def _fold_fake(corr, gram, total, count, first, rho, mean):
     return corr.new_empty(count.shape), corr.new_empty((), dtype=torch.bool)
 
 
-@define_op("fastpred::triton_fold_", mutates_args={"corr", "mean"}, fake=_fold_fake)
-def triton_fold_(corr: Tensor, gram: Tensor, total: Tensor, count: Tensor, first: Tensor, rho: float,
-                 mean: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The fold of :func:`fastpred.backends.reference.fold_`: returns ``(weight, usable)``."""
+def fold_launch(corr: Tensor, gram: Tensor, total: Tensor, count: Tensor, first: Tensor, rho: float,
+                mean: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Check the inputs and launch :func:`nonfinite_kernel` (per sum) and :func:`fold_kernel`."""
     _check_fold(corr, gram, total, count, first, mean)
     d = corr.shape[-1]
     batch = count.numel()
@@ -133,14 +132,19 @@ def triton_fold_(corr: Tensor, gram: Tensor, total: Tensor, count: Tensor, first
     return weight, usable
 
 
+@define_op("fastpred::triton_fold_", mutates_args={"corr", "mean"}, fake=_fold_fake)
+def triton_fold_(corr: Tensor, gram: Tensor, total: Tensor, count: Tensor, first: Tensor, rho: float,
+                 mean: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The fold of :func:`fastpred.backends.reference.fold_`: returns ``(weight, usable)``."""
+    return fold_launch(corr, gram, total, count, first, rho, mean)
+
+
 def _install_fake(weight, new):
     return weight.new_empty((), dtype=torch.bool)
 
 
-@define_op("fastpred::triton_install_", mutates_args={"weight"}, fake=_install_fake)
-def triton_install_(weight: Tensor, new: Tensor) -> Tensor:
-    """``weight <- new`` where ``new`` is all finite (contiguous float32, one shape);
-    returns the 0-dim bool "installed"."""
+def install_launch(weight: Tensor, new: Tensor) -> Tensor:
+    """Check the inputs and launch :func:`nonfinite_kernel` and :func:`install_kernel`."""
     if (weight.dtype != torch.float32 or new.dtype != torch.float32 or weight.shape != new.shape
             or not weight.is_contiguous() or not new.is_contiguous()):
         raise ValueError("weight and new must be contiguous float32 tensors of one shape, got "
@@ -152,3 +156,10 @@ def triton_install_(weight: Tensor, new: Tensor) -> Tensor:
         wrap_triton(install_kernel)[(max(1, triton.cdiv(new.numel(), BLOCK)),)](weight, new, new.numel(), ok, flag,
                                                                               BLOCK=BLOCK)
     return ok
+
+
+@define_op("fastpred::triton_install_", mutates_args={"weight"}, fake=_install_fake)
+def triton_install_(weight: Tensor, new: Tensor) -> Tensor:
+    """``weight <- new`` where ``new`` is all finite (contiguous float32, one shape);
+    returns the 0-dim bool "installed"."""
+    return install_launch(weight, new)
