@@ -3,6 +3,8 @@
 // Operators (schemas in ops.cpp, namespace `fastpred`; Python wrappers and fake
 // kernels in fastpred/backends/csrc.py):
 //   corr_ema_             Eq. 19 in place, one triangle computed, mirrored   CPU, CUDA
+//   fold_                 Eq. 19's fold of a step's moments, judged by them  CPU
+//   install_              W <- new where new is all finite, else kept          CPU
 //   eigh                  symmetric eigendecomposition (LAPACK syevd)        CPU
 //   rebuild               W = U diag(p) U^T, p = eig_map(s) (Eq. 18)         CPU, CUDA
 //   syevd_                cuSOLVER Xsyevd matrix by matrix, caller's workspace  CUDA

@@ -60,6 +60,16 @@ TORCH_LIBRARY(fastpred, m) {
   // same EMA of the batch mean. weight: 0-dim float tensor, on corr's device (read
   // there, no host sync) or on the CPU. weight == 1 overwrites corr, NaN included.
   m.def("corr_ema_(Tensor(a!) corr, Tensor x, Tensor weight, Tensor(b!)? mean=None) -> ()");
+  // The fold of one step's summed moments into F (Eq. 19), judged by those moments:
+  // usable = every entry of gram, total, count finite; per F, weight = usable && count > 0
+  // ? (first ? 1 : 1 - rho) : 0; corr <- corr + weight (gram / count - corr), mean likewise.
+  // Returns the weights (...) and the 0-dim bool usable. CPU (csrc/fold_cpu.cpp).
+  m.def(
+      "fold_(Tensor(a!) corr, Tensor gram, Tensor total, Tensor count, Tensor first, float rho, "
+      "Tensor(b!)? mean=None) -> (Tensor weight, Tensor usable)");
+  // weight <- new where every entry of new is finite (else kept whole); returns the 0-dim
+  // bool "installed". CPU (csrc/fold_cpu.cpp).
+  m.def("install_(Tensor(a!) weight, Tensor new) -> Tensor");
   // Eigenvalues (ascending) and eigenvectors of the lower triangle of a symmetric
   // (..., n, n) matrix, as torch.linalg.eigh (eigenvectors in columns,
   // column-major strides).

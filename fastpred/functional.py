@@ -31,9 +31,6 @@ from .backends import Backend, reference
 from .eig_map import EigMap
 from .eigh import EighError, symmetric_eigh  # noqa: F401  (EighError: re-exported, part of this API)
 
-# |x| above this would overflow x^T x in float32 for any realistic dim: treat as bad data.
-MAX_ABS_FEATURE = 1e17
-
 # ------------------------------------------------------------------ checks
 def check_rho(rho: float) -> float:
     """``rho`` as a float; ValueError naming it unless it is a real number in [0, 1)."""
@@ -74,13 +71,6 @@ def float32_statistics(device: torch.device) -> AbstractContextManager:
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return nullcontext()
-
-
-def usable_batch(x: Tensor) -> Tensor:
-    """0-dim bool tensor on x's device: every entry of ``x`` is finite and below
-    :data:`MAX_ABS_FEATURE` in magnitude. Decided on the device (no host sync)."""
-    peak = x.abs().amax() if x.numel() else x.new_zeros(())
-    return torch.isfinite(peak) & (peak < MAX_ABS_FEATURE)
 
 
 # ------------------------------------------------------------------ Eq. 19
@@ -239,7 +229,10 @@ def add_moments_(
     with float32_statistics(gram.device):
         x = x.float()
         if masks is None:
-            gram.add_(impl.gram(x))
+            if impl.gram is reference.gram:  # the library GEMM accumulates in place: no temporary, no extra pass
+                gram.addmm_(x.mT, x) if x.dim() == 2 else gram.baddbmm_(x.mT, x)
+            else:
+                gram.add_(impl.gram(x))
             total.add_(x.sum(-2))
             count.add_(x.shape[-2])
             return
@@ -252,38 +245,86 @@ def add_moments_(
 def fold_moments_(
     corr: Tensor,
     gram: Tensor,
+    total: Tensor,
     count: Tensor,
     rho: float,
     *,
     first: bool | Tensor = False,
-    fold: bool | Tensor = True,
     mean: Tensor | None = None,
-    total: Tensor | None = None,
-) -> Tensor:
-    """Fold one step's summed moments (:func:`add_moments_`) into the running statistics (Eq. 19).
+    backend: "str | Backend" = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Fold one step's summed moments (:func:`add_moments_`) into the running statistics
+    (Eq. 19), judged by those moments, in one pass over d x d.
 
-    ``corr <- EMA(corr, gram / count)`` and, when given, ``mean <- EMA(mean, total / count)``,
-    with the weight of :func:`ema_weight`: an F whose count is 0 (a half-space that
-    received no sample) or whose ``fold`` is False (a skipped step) keeps its value.
-    Decided on the device (no host sync). Batched like the sums.
+    The step is *usable* when every entry of ``gram``, ``total`` and ``count`` is finite:
+    a non-finite feature (its square sits on the diagonal of x^T x) or an x^T x that
+    overflowed float32 (which no threshold on the features predicts for a large N)
+    spoils it, and then no statistic changes. Otherwise ``corr <- EMA(corr, gram / count)``
+    and, when given, ``mean <- EMA(mean, total / count)``, with the weight of
+    :func:`ema_weight`; an F whose count is 0 (a half-space that received no sample)
+    keeps its value. Decided on the device (no host sync). Batched like the sums: one
+    decision for the whole stack, one weight per F.
+
+    Args:
+        corr: float32 ``(..., d, d)``, updated in place.
+        gram, total, count: float32 ``(..., d, d)``, ``(..., d)``, ``(...)``: the sums.
+        rho: EMA coefficient in [0, 1).
+        first: overwrite instead of blending; a bool, or a bool tensor ``(...)``.
+        mean: optional float32 ``(..., d)`` running mean, updated in place.
+        backend: see :mod:`fastpred.backends` (``fold_``: the torch reference is the spec;
+            the extension on CPU and a Triton kernel on CUDA fuse it into one pass).
 
     Returns:
-        The float32 weight tensor ``(...)`` used per F (0 where kept).
+        ``(weight, usable)``: the float32 weight per F ``(...)`` (0 where kept) and the
+        0-dim bool that says whether the step was folded.
+
+    Raises:
+        ValueError, TypeError: shapes that do not match (named), sums not float32,
+            ``rho`` out of range.
     """
+    rho = check_rho(rho)
     _check_matrix("corr", corr)
-    stack = tuple(corr.shape[:-2])
-    _check_state("gram", gram, tuple(corr.shape))
+    stack, d = tuple(corr.shape[:-2]), corr.shape[-1]
+    _check_state("corr", corr, (*stack, d, d))
+    _check_state("gram", gram, (*stack, d, d))
+    _check_state("total", total, (*stack, d))
     _check_state("count", count, stack)
-    if (mean is None) != (total is None):
-        raise ValueError("mean and total go together: give both or neither")
-    fold = torch.as_tensor(fold, device=corr.device) & (count > 0)
-    weight = ema_weight(rho, first=first, fold=fold)
-    n = count.clamp(min=1)
+    if mean is not None:
+        _check_state("mean", mean, (*stack, d))
+    first_t = torch.as_tensor(first, device=corr.device)
+    if first_t.dtype != torch.bool or tuple(torch.broadcast_shapes(first_t.shape, stack)) != stack:
+        raise ValueError(f"first must be a bool or a bool tensor broadcasting to {stack}, got {first!r}")
+    first_t = first_t.expand(stack)
+    impl = backends.resolve(backend, corr.device)
     with float32_statistics(corr.device):
-        ema_(corr, gram / n[..., None, None], weight)
-        if mean is not None:
-            ema_(mean, total / n[..., None], weight)
-    return weight
+        return impl.fold_(corr, gram, total, count, first_t, rho, mean)
+
+
+def install_weight_(weight: Tensor, new: Tensor, *, backend: "str | Backend" = "auto") -> Tensor:
+    """The install guard of a rebuild: ``weight <- new`` where every entry of ``new`` is
+    finite, else ``weight`` is kept whole (a GPU eigensolver reports a failure later, as
+    NaN: so no host sync is needed). One pass: the judgement and the copy fused on the
+    extension (CPU) and in a Triton kernel (CUDA); the torch reference is the spec.
+
+    Args:
+        weight: ``(..., d, d)`` tensor written in place (W_p; its data, under no_grad).
+        new: the rebuilt W_p, same shape and device; cast to ``weight``'s dtype.
+        backend: see :mod:`fastpred.backends`.
+
+    Returns:
+        The 0-dim bool tensor "installed", on ``weight``'s device.
+
+    Raises:
+        ValueError, TypeError: shapes or devices that differ, a non-float tensor.
+    """
+    for name, t in (("weight", weight), ("new", new)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+    if new.shape != weight.shape or new.device != weight.device:
+        raise ValueError(f"new {tuple(new.shape)} on {new.device} must match weight {tuple(weight.shape)} "
+                         f"on {weight.device}")
+    return backends.resolve(backend, weight.device).install_(weight, new)
 
 
 # ------------------------------------------------------------------ Eq. 18

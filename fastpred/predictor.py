@@ -354,7 +354,7 @@ class DirectPredictor(nn.Module):
         if self._attachment is None:
             self._misuse.calls += 1
             self._misuse.eval_in_graph = False  # in training mode again
-        self._stats.fold(self._running(), self._synced())
+        self._stats.fold(self._running(), self._synced(), self._backend())
         self.num_updates += 1
         self._steps += 1
         if self.corr.device.type == "cpu":
@@ -417,8 +417,7 @@ class DirectPredictor(nn.Module):
 
         Decided on the device: a GPU eigensolver reports failure later, as NaN, so no
         host sync is needed here. Returns the 0-dim bool "installed"."""
-        ok = torch.isfinite(weight).all()
-        self.weight.copy_(torch.where(ok, weight, self.weight))
+        ok = functional.install_weight_(self.weight, weight, backend=self._backend())
         self.num_eigh_failures += ~ok
         if weight.device.type == "cpu" and not ok:  # reading a CPU tensor is free
             warnings.warn("DirectPredictor: the rebuilt W_p is not finite; keeping the previous W_p",

@@ -4,7 +4,7 @@ Between two steps every training call adds its batch's moments (x^T x, the sum o
 the count; per half-space with partitions) to one flat accumulator
 (:class:`StepStatistics`). A step folds them, as one batch, into the running
 statistics the module keeps as buffers (:class:`RunningStatistics`): all-reduced
-first under DDP, a step with a non-finite call skipped on the device, then the EMA of
+first under DDP, a step whose moments are not finite skipped on the device, then the EMA of
 F, of the mean and of the partition thresholds (Eq. 19, computed by
 :func:`fastpred.functional.fold_moments_`). docs/design.md, "The fold", gives the order.
 """
@@ -27,7 +27,6 @@ class Moments(NamedTuple):
     total: Tensor  # (d,) or (2k, d): sum of x per F
     count: Tensor  # () or (2k,): samples per F
     projections: Tensor  # (k,): sum of the projections on the hyperplanes (partitions only)
-    bad: Tensor  # (): calls with non-finite features
 
 
 class RunningStatistics(NamedTuple):
@@ -37,7 +36,7 @@ class RunningStatistics(NamedTuple):
     mean: Tensor  # EMA of the mean, (d,) or (2k, d)
     folded: Tensor  # int64, batches folded into each F
     thresholds: Tensor | None  # (k,) EMA of the mean projections (partitions only)
-    num_skipped: Tensor  # int64 (), steps skipped for non-finite features
+    num_skipped: Tensor  # int64 (), steps skipped for non-finite moments
 
 
 class StepStatistics:
@@ -53,14 +52,13 @@ class StepStatistics:
         self.dim, self.partitions, self.rho, self.zero_mean = dim, partitions, rho, zero_mean
         halves = max(1, 2 * partitions)
         self.stack = (2 * partitions,) if partitions else ()
-        self.sizes = (halves * dim * dim, halves * dim, halves, partitions, 1)
+        self.sizes = (halves * dim * dim, halves * dim, halves, partitions)
         self.moments = torch.zeros(sum(self.sizes))
 
     def views(self) -> Moments:
-        gram, total, count, projections, bad = self.moments.split(self.sizes)
+        gram, total, count, projections = self.moments.split(self.sizes)
         d = self.dim
-        return Moments(gram.view(*self.stack, d, d), total.view(*self.stack, d), count.view(self.stack),
-                       projections, bad.view(()))
+        return Moments(gram.view(*self.stack, d, d), total.view(*self.stack, d), count.view(self.stack), projections)
 
     def to(self, device: torch.device) -> None:
         """Follow the module to ``device`` (the accumulator stays float32)."""
@@ -73,40 +71,40 @@ class StepStatistics:
     def record(self, x: Tensor, masks: Tensor | None, projections: Tensor | None, backend: Backend | str) -> None:
         """Add one call's batch moments (traceable under torch.compile; no host sync).
 
-        A call with non-finite features spoils its step: it is counted in ``bad`` and its
-        values are zeroed, so that the sums stay finite until the fold skips the step.
+        Nothing is judged here: a call with non-finite features (or features whose x^T x
+        overflows float32) leaves non-finite sums, and the fold skips that step.
         """
         if x.shape[0] == 0:
             return
         acc = self.views()
-        usable = functional.usable_batch(x)
-        x = torch.where(usable, x, torch.zeros((), dtype=x.dtype, device=x.device))
         functional.add_moments_(acc.gram, acc.total, acc.count, x, masks, backend=backend)
         if projections is not None:
-            acc.projections.add_(torch.where(usable, projections, 0.0).sum(0))
-        acc.bad.add_((~usable).float())
+            acc.projections.add_(projections.sum(0))
 
     @torch.no_grad()
-    def fold(self, running: RunningStatistics, synced: bool) -> None:
+    def fold(self, running: RunningStatistics, synced: bool, backend: Backend | str = "auto") -> None:
         """Fold the accumulated moments into ``running`` as one batch (Eq. 19) and clear them.
 
         Under DDP (``synced``) the sums are all-reduced first (every rank takes part, also
-        with N = 0). A step with a non-finite call leaves every statistic unchanged and is
-        counted in ``num_skipped``; an F whose half received no sample keeps its value.
-        All decided on the device.
+        with N = 0). The step is judged by its own statistics, after the all-reduce so that
+        every rank decides alike: a step whose moments are not all finite (a non-finite
+        feature, or an x^T x that overflows float32, which no feature threshold predicts
+        for a large N) leaves every statistic unchanged and is counted in
+        ``num_skipped``; an F whose half received no sample keeps its value. All decided
+        on the device.
         """
         if synced:
             dist.all_reduce(self.moments)
         acc = self.views()
-        skipped = acc.bad > 0
         first = running.folded == 0
-        weight = functional.fold_moments_(
-            running.corr, acc.gram, acc.count, self.rho, first=first, fold=~skipped,
-            mean=running.mean if self.zero_mean else None, total=acc.total if self.zero_mean else None)
+        weight, usable = functional.fold_moments_(
+            running.corr, acc.gram, acc.total, acc.count, self.rho, first=first,
+            mean=running.mean if self.zero_mean else None, backend=backend)
         if running.thresholds is not None:
+            # The projections are finite wherever x^T x is (|x| < 1.8e19 then, the planes unit vectors).
             samples = acc.count[0] + acc.count[1]  # every sample is above or below hyperplane 0
-            threshold_weight = functional.ema_weight(self.rho, first=first.all(), fold=(samples > 0) & ~skipped)
+            threshold_weight = functional.ema_weight(self.rho, first=first.all(), fold=(samples > 0) & usable)
             functional.ema_(running.thresholds, acc.projections / samples.clamp(min=1), threshold_weight)
         running.folded.add_(weight > 0)
-        running.num_skipped.add_(skipped)
+        running.num_skipped.add_(~usable)
         self.clear()

@@ -9,6 +9,7 @@ def _row(case, dim, n, ms, **extra):
 
 RESULT = {
     "machine": "test", "seconds": 1.0, "plots": [],
+    "module": [_row("floor", 256, 512, 10.0), _row("per call", 256, 512, 10.5), _row("attached", 256, 512, 11.5)],
     "full": [_row("csrc", 64, 256, 2.0), _row("bare eigh", 64, 256, 1.0),
              _row("authors", 64, 256, 30.0, peak_mb=5.0), _row("auto (paired with authors)", 64, 256, 3.0),
              _row("csrc", 128, 256, 6.0), _row("bare eigh", 128, 256, 4.0),
@@ -24,6 +25,7 @@ RESULT = {
 def test_summary_states_the_tables_figures(tmp_path):
     text = "\n".join(report.summary(RESULT))
     assert "costs 1.50-2.00x a bare" in text  # 6/4 and 2/1
+    assert "(d = 256, N = 512): per call 1.05x its floor, attached (two per-view calls + `optimizer.step()`) 1.15x" in text
     assert "10.0x faster at d = 64, N = 256 up to 100x at d = 128, N = 256" in text  # 30/3 and 600/6
     assert "up to 50 MiB (d = 128, N = 256) and was skipped in 1 cases" in text
     assert "eigh 3.0 ms of 5.0 ms (60 %)" in text
@@ -31,3 +33,4 @@ def test_summary_states_the_tables_figures(tmp_path):
     report.write_markdown(RESULT, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert md.index("## Summary") < md.index("| dim |") and "10.0x faster" in md
+    assert "| 256 | 512 | attached | 11.500 [11.500, 11.500] | 1.15 |" in md

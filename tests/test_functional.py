@@ -298,7 +298,7 @@ def test_fold_moments_and_corr_ema_batched_equal_a_loop_over_predictors():
     gram, total, count = torch.zeros(3, 6, 6), torch.zeros(3, 6), torch.zeros(3)
     F.add_moments_(gram, total, count, x, backend="torch")
     folded = corr0.clone()
-    F.fold_moments_(folded, gram, count, 0.4, first=first)
+    F.fold_moments_(folded, gram, total, count, 0.4, first=first)
     for b in range(3):
         xb = x[b].double().numpy()
         batch = xb.T @ xb / 32

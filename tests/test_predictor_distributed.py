@@ -24,9 +24,12 @@ def worker(rank, world, init_file, out_dir, kwargs):
     torch.manual_seed(0)  # same initial W_p on every rank
     kwargs = dict(kwargs)
     autocast = kwargs.pop("autocast", None)  # statistics stay float32 in an autocast region
+    overflow = kwargs.pop("overflow", False)
     pred = DirectPredictor(D, **kwargs)
     batches = make_batches(rank)
-    if rank == 1:
+    if overflow:  # each rank's x^T x (25 000 x 8.1e33) is finite, their all-reduced sum is not
+        batches[2] = torch.full((25_000, D), 9e16)
+    elif rank == 1:
         batches[2] = batches[2].clone()
         batches[2][0, 0] = float("nan")  # one rank's bad batch: every rank skips that step
     for x in batches:
@@ -37,8 +40,8 @@ def worker(rank, world, init_file, out_dir, kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(zero_mean=True, freq=2), dict(partitions=2),
-                                    dict(autocast=torch.bfloat16)], ids=["default", "zero_mean-freq2", "partitions",
-                                                                         "bf16-autocast"])
+                                    dict(autocast=torch.bfloat16), dict(overflow=True)],
+                         ids=["default", "zero_mean-freq2", "partitions", "bf16-autocast", "overflow-after-all-reduce"])
 def test_two_ranks_agree_with_one_process_on_the_union(tmp_path, kwargs):
     mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path), kwargs), nprocs=2, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -47,7 +50,7 @@ def test_two_ranks_agree_with_one_process_on_the_union(tmp_path, kwargs):
         assert torch.equal(r0[k], r1[k]), k
 
     torch.manual_seed(0)
-    single = DirectPredictor(D, **{k: v for k, v in kwargs.items() if k != "autocast"})  # float32, no autocast
+    single = DirectPredictor(D, **{k: v for k, v in kwargs.items() if k not in ("autocast", "overflow")})
     b0, b1 = make_batches(0), make_batches(1)
     for step in range(STEPS):
         if step == 2:

@@ -1,7 +1,8 @@
 """The one dispatch point: which implementation computes each step of the update.
 
-A backend is a named set of four functions with the signatures of
-:mod:`fastpred.backends.reference` (``corr_ema_``, ``gram``, ``eigh``, ``rebuild``).
+A backend is a named set of functions with the signatures of
+:mod:`fastpred.backends.reference` (``corr_ema_``, ``gram``, ``fold_``, ``eigh``,
+``rebuild``, ``install_``).
 A backend module may leave a step to the reference by not defining it, and may
 define ``supports(device) -> bool`` and, for ``"auto"``, ``prefers(step, *args) ->
 bool`` (per call: itself, or the reference). Backends are imported lazily, the first time
@@ -26,7 +27,7 @@ import torch
 from . import reference
 from .._stack import user_stacklevel
 
-STEPS = ("gram", "corr_ema_", "eigh", "rebuild")
+STEPS = ("gram", "corr_ema_", "fold_", "eigh", "rebuild", "install_")
 
 # name -> (module that provides it, what to do when it is missing)
 _PROVIDERS: dict[str, tuple[str, str]] = {
@@ -62,6 +63,8 @@ class Backend:
     corr_ema_: Callable
     eigh: Callable
     rebuild: Callable
+    fold_: Callable = reference.fold_
+    install_: Callable = reference.install_
 
 
 def check_name(backend: "str | Backend") -> None:
@@ -111,16 +114,18 @@ def auto_choice(device_type: str, available: Callable[[str], bool]) -> dict[str,
     the reference. Where tensor cores apply (fp16/bf16 features, or fp32 with TF32
     allowed), the Triton kernels, which compute one triangle (half the products)
     and fuse the EMA, the map and the mirror; that is decided per call by
-    :func:`fastpred.backends.triton.prefers`.
+    :func:`fastpred.backends.triton.prefers`. The fold and the install guard (elementwise
+    passes over d x d, fused into one kernel each) are Triton's, or the extension's on CPU.
     """
     def first(*names: str) -> str:
         return next((n for n in names if n == "torch" or available(n)), "torch")
 
     if device_type == "cuda":
         kernels = first("triton", "torch")
-        return {"gram": kernels, "corr_ema_": kernels, "eigh": first("cupy", "csrc", "torch"), "rebuild": kernels}
+        return {"gram": kernels, "corr_ema_": kernels, "fold_": kernels, "eigh": first("cupy", "csrc", "torch"),
+                "rebuild": kernels, "install_": kernels}
     fast = first("csrc", "torch")
-    return {"gram": "torch", "corr_ema_": fast, "eigh": fast, "rebuild": fast}
+    return {"gram": "torch", "corr_ema_": fast, "fold_": fast, "eigh": fast, "rebuild": fast, "install_": fast}
 
 
 def _auto_choice(device: torch.device) -> dict[str, str]:

@@ -1,11 +1,15 @@
 """The compiled backend (``backend="csrc"``): the operators of ``fastpred._C`` (csrc/).
 
-CPU: ``corr_ema_`` and ``rebuild`` compute one triangle of each symmetric product
+CPU: ``fold_`` and ``install_`` make the guards of a step one pass each (judging the
+step's moments and folding them; judging a rebuilt W_p and installing it);
+``corr_ema_`` and ``rebuild`` compute one triangle of each symmetric product
 (BLAS on row panels) and mirror it; ``eigh`` calls LAPACK ``syevd`` directly with a
 cached workspace. CUDA (when ``_C`` was built with CUDA): ``corr_ema_`` and
 ``rebuild`` as kernels plus cuBLAS syrk, never reading the device on the host;
 ``eigh`` through :mod:`fastpred.backends.eigh_driver` with cuSOLVER ``Xsyevd`` and the batched
-``XsyevBatched`` (cached workspaces, lazy ``info`` check, no host sync per call).
+``XsyevBatched`` (cached workspaces, lazy ``info`` check, no host sync per call);
+``fold_`` and ``install_`` are left to the torch reference there (on CUDA the Triton
+backend fuses them).
 
 Each operator has a fake (meta) kernel registered next to its wrapper, so the ops
 trace under ``torch.compile``. Importing this module loads ``fastpred._C``, which
@@ -17,10 +21,11 @@ import torch
 from torch import Tensor
 
 from .. import _C  # noqa: F401  (registers torch.ops.fastpred.*)
+from . import reference
 from ..eig_map import EigMap
 from .eigh_driver import EighDriver, Solver, device_driver
 
-__all__ = ["corr_ema_", "eigh", "rebuild", "supports", "eigh_driver", "built_with_cuda"]
+__all__ = ["corr_ema_", "fold_", "eigh", "rebuild", "install_", "supports", "eigh_driver", "built_with_cuda"]
 
 _ops = torch.ops.fastpred
 
@@ -79,6 +84,35 @@ def _corr_ema_fake(corr, x, weight, mean=None):
     torch._check(x.shape[-1] == corr.shape[-1], lambda: "x must be (..., N, d)")
     torch._check(weight.dim() == 0, lambda: "weight must be a 0-dim tensor")
     return None
+
+
+# ------------------------------------------------------------- fold_, install_
+def fold_(corr: Tensor, gram: Tensor, total: Tensor, count: Tensor, first: Tensor, rho: float,
+          mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The fold of a step's moments, judged by them (Eq. 19): see :func:`reference.fold_`.
+    One judging read of the moments, then (only when the step is usable) one EMA pass."""
+    if corr.device.type != "cpu":
+        return reference.fold_(corr, gram, total, count, first, rho, mean)
+    return tuple(_ops.fold_(corr, gram, total, count, first, float(rho), mean))
+
+
+@torch.library.register_fake("fastpred::fold_")
+def _fold_fake(corr, gram, total, count, first, rho, mean=None):
+    return corr.new_empty(count.shape), corr.new_empty((), dtype=torch.bool)
+
+
+def install_(weight: Tensor, new: Tensor) -> Tensor:
+    """``weight <- new`` where ``new`` is all finite: see :func:`reference.install_`. One
+    judging read of ``new`` and a copy; a cast or a strided tensor goes to the reference."""
+    if (weight.device.type != "cpu" or new.dtype != weight.dtype or weight.dtype not in (torch.float32, torch.float64)
+            or not weight.is_contiguous() or not new.is_contiguous()):
+        return reference.install_(weight, new)
+    return _ops.install_(weight, new)
+
+
+@torch.library.register_fake("fastpred::install_")
+def _install_fake(weight, new):
+    return weight.new_empty((), dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------- eigh

@@ -54,6 +54,40 @@ def ema_(state: Tensor, batch: Tensor, weight: float | Tensor) -> Tensor:
     return state.lerp_(batch, weight) if weight != 0 else state
 
 
+def fold_(corr: Tensor, gram: Tensor, total: Tensor, count: Tensor, first: Tensor, rho: float,
+          mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fold one step's summed moments into F (Eq. 19) in place, judged by those moments.
+
+    ``usable``: every entry of ``gram``, ``total`` and ``count`` is finite (one decision
+    for the whole stack: a non-finite feature, or an x^T x that overflowed, spoils the
+    step). Per F, ``weight = 1`` where ``first``, ``1 - rho`` otherwise, and ``0`` where
+    the step is not usable or that F's ``count`` is 0; then
+    ``corr <- corr + weight (gram / count - corr)`` (:func:`ema_`: 1 overwrites, 0 keeps
+    whatever ``gram`` holds) and, when given, ``mean <- mean + weight (total / count - mean)``.
+
+    Shapes: ``corr``/``gram`` ``(..., d, d)``, ``total``/``mean`` ``(..., d)``, ``count`` and
+    ``first`` (bool) ``(...)``; float32 on one device. Decided on the device (no host sync).
+
+    Returns:
+        ``(weight, usable)``: the float32 weight per F ``(...)`` and the 0-dim bool.
+    """
+    usable = torch.isfinite(gram).all() & torch.isfinite(total).all() & torch.isfinite(count).all()
+    weight = torch.where(usable & (count > 0), torch.where(first, 1.0, 1.0 - rho), 0.0).float()
+    n = count.clamp(min=1)
+    ema_(corr, gram / n[..., None, None], weight[..., None, None])
+    if mean is not None:
+        ema_(mean, total / n[..., None], weight[..., None])
+    return weight, usable
+
+
+def install_(weight: Tensor, new: Tensor) -> Tensor:
+    """``weight <- new`` in place where every entry of ``new`` is finite, else ``weight``
+    is kept whole. Decided on the device (no host sync). Returns the 0-dim bool "installed"."""
+    ok = torch.isfinite(new).all()
+    weight.copy_(torch.where(ok, new, weight))
+    return ok
+
+
 def eigh(corr: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors of a symmetric matrix (lower triangle read)."""
     return torch.linalg.eigh(corr)

@@ -2,9 +2,10 @@
 
 Same signatures and mathematics as :mod:`fastpred.backends.reference`; ``eigh``
 is not defined here, so the dispatch point uses the reference's. The kernels
-(:mod:`fastpred.kernels.triton_corr`, :mod:`fastpred.kernels.triton_rebuild`) are
-exposed as PyTorch operators (``torch.ops.fastpred.triton_corr_ema_``,
-``triton_gram``, ``triton_rebuild``) through ``torch.library.triton_op``, so they
+(:mod:`fastpred.backends.triton_kernels.triton_corr`, :mod:`fastpred.backends.triton_kernels.triton_rebuild`,
+:mod:`fastpred.backends.triton_kernels.triton_fold`) are exposed as PyTorch operators
+(``torch.ops.fastpred.triton_corr_ema_``, ``triton_gram``, ``triton_rebuild``,
+``triton_fold_``, ``triton_install_``) through ``torch.library.triton_op``, so they
 compose with ``torch.compile``.
 
 Runs on CUDA tensors, and on CPU tensors through the Triton interpreter when
@@ -18,9 +19,10 @@ import torch
 from torch import Tensor
 
 from ..eig_map import EigMap
-from ..kernels import triton_common, triton_corr, triton_rebuild  # noqa: F401  (registers the fastpred::triton_* ops)
+from .triton_kernels import triton_common, triton_corr, triton_fold, triton_rebuild  # noqa: F401  (registers the ops)
+from . import reference
 
-__all__ = ["supports", "prefers", "corr_ema_", "gram", "rebuild"]
+__all__ = ["supports", "prefers", "corr_ema_", "gram", "fold_", "rebuild", "install_"]
 
 
 def _interpreting() -> bool:
@@ -43,8 +45,11 @@ def prefers(step: str, *args) -> bool:
     features for ``gram``/``corr_ema_`` (native fp16/bf16 dot), or any fp32 product
     when TF32 is allowed (``torch.set_float32_matmul_precision("high")`` or
     ``torch.backends.cuda.matmul.allow_tf32 = True``). At the default fp32 precision
-    both sides do plain FMA work and cuBLAS is the safer bet.
+    both sides do plain FMA work and cuBLAS is the safer bet. The fold and the install
+    guard are elementwise passes that the kernels fuse: always preferred.
     """
+    if step in ("fold_", "install_"):
+        return True
     if torch.get_float32_matmul_precision() != "highest":
         return True
     if step in ("gram", "corr_ema_"):
@@ -95,3 +100,19 @@ def rebuild(s: Tensor, u: Tensor, eig_map: EigMap) -> Tensor:
     The operator's schema takes the map's settings as scalars.
     """
     return torch.ops.fastpred.triton_rebuild(s, u, eig_map.eps, eig_map.power, eig_map.eps_mode, eig_map.min_eig)
+
+
+def fold_(corr: Tensor, gram: Tensor, total: Tensor, count: Tensor, first: Tensor, rho: float,
+          mean: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The fold of a step's moments, judged by them (Eq. 19), as
+    :func:`fastpred.backends.reference.fold_`: one judging launch per sum, then one fused
+    EMA launch that reads the judgement on the device (no host sync)."""
+    return tuple(torch.ops.fastpred.triton_fold_(corr, gram, total, count, first, float(rho), mean))
+
+
+def install_(weight: Tensor, new: Tensor) -> Tensor:
+    """``weight <- new`` where ``new`` is all finite, as :func:`fastpred.backends.reference.install_`:
+    a judging launch and a guarded copy. A cast or a strided tensor goes to the reference."""
+    if new.dtype != torch.float32 or weight.dtype != torch.float32 or not (weight.is_contiguous() and new.is_contiguous()):
+        return reference.install_(weight, new)
+    return torch.ops.fastpred.triton_install_(weight, new)

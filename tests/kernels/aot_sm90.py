@@ -1,6 +1,6 @@
 """Compile the Triton kernels' launch specializations for sm_90 without a GPU.
 
-The launchers (``corr_ema_launch``, ``rebuild_launch``) run on CPU tensors with
+The launchers (``corr_ema_launch``, ``rebuild_launch``, ``fold_launch``, ``install_launch``) run on CPU tensors with
 ``wrap_triton`` replaced by a recorder, over a grid of inputs (sizes, dtypes, layouts,
 matmul precisions, mean/weight options, eigenvalue maps): each launch they would make
 is recorded with its real arguments. Each distinct specialization (the constexprs, the
@@ -68,12 +68,13 @@ class _Recorder:
 def record_launches() -> list[Launch]:
     """Every launch the two launchers make over the input grid (nothing runs)."""
     from fastpred.eig_map import EigMap
-    from fastpred.kernels import triton_corr, triton_rebuild
+    from fastpred.backends.triton_kernels import triton_corr, triton_fold, triton_rebuild
 
     launches: list[Launch] = []
     recorder = _Recorder(launches)
-    saved = triton_corr.wrap_triton, triton_rebuild.wrap_triton, torch.get_float32_matmul_precision()
-    triton_corr.wrap_triton = triton_rebuild.wrap_triton = recorder
+    saved = (triton_corr.wrap_triton, triton_rebuild.wrap_triton, triton_fold.wrap_triton,
+             torch.get_float32_matmul_precision())
+    triton_corr.wrap_triton = triton_rebuild.wrap_triton = triton_fold.wrap_triton = recorder
     try:
         for precision in ("highest", "high"):
             torch.set_float32_matmul_precision(precision)
@@ -94,8 +95,13 @@ def record_launches() -> list[Launch]:
                 if layout == "columns":
                     u = u.mT  # eigh's eigenvectors are column-major
                 triton_rebuild.rebuild_launch(torch.zeros(*batch, d), u, EigMap(0.1, power, mode, 1e-4))
+        for d, batch, mean in itertools.product((20, 256, 1024), ((), (4,)), (False, True)):
+            triton_fold.fold_launch(torch.zeros(*batch, d, d), torch.zeros(*batch, d, d), torch.zeros(*batch, d),
+                                    torch.ones(batch), torch.zeros(batch, dtype=torch.bool), 0.3,
+                                    torch.zeros(*batch, d) if mean else None)
+            triton_fold.install_launch(torch.zeros(*batch, d, d), torch.zeros(*batch, d, d))
     finally:
-        triton_corr.wrap_triton, triton_rebuild.wrap_triton, precision = saved
+        triton_corr.wrap_triton, triton_rebuild.wrap_triton, triton_fold.wrap_triton, precision = saved
         torch.set_float32_matmul_precision(precision)
     return launches
 

@@ -1,8 +1,8 @@
 """Every Triton specialization the launchers pick compiles for sm_90 (H100/H200), within
 the shared-memory limit and the register-spill budget; no GPU needed.
 
-tests/kernels/aot_sm90.py records the launches of ``corr_ema_launch`` and
-``rebuild_launch`` over a grid of inputs, keeps one launch per constexpr/dtype
+tests/kernels/aot_sm90.py records the launches of ``corr_ema_launch``,
+``rebuild_launch``, ``fold_launch`` and ``install_launch`` over a grid of inputs, keeps one launch per constexpr/dtype
 combination plus a random sample of the other argument specializations, compiles them
 with Triton for ``GPUTarget("cuda", 90, 32)`` and assembles the PTX with ``ptxas -v``.
 Two processes share the work (the CI machine has two cores).
@@ -46,7 +46,7 @@ def test_every_specialization_compiles_for_sm90():
         pytest.skip(skips[0])
     compiled = [r for r in results if "kernel" in r]
     kernels = {r["kernel"] for r in compiled}
-    assert kernels == {"corr_ema_kernel", "rebuild_kernel"}, kernels
+    assert kernels == {"corr_ema_kernel", "rebuild_kernel", "nonfinite_kernel", "fold_kernel", "install_kernel"}, kernels
     assert len(compiled) >= 40  # one per constexpr/dtype combination at least
     errors = [r for r in compiled if "error" in r]
     assert not errors, json.dumps(errors[:3], indent=1)

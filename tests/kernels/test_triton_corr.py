@@ -14,9 +14,9 @@ import triton.language as tl  # noqa: E402
 from fastpred import functional  # noqa: E402
 from fastpred.backends import reference, resolve  # noqa: E402
 from fastpred.backends import triton as tb  # noqa: E402
-from fastpred.kernels import triton_common  # noqa: E402
-from fastpred.kernels.triton_common import TileConfig  # noqa: E402
-from fastpred.kernels.triton_corr import corr_ema_launch  # noqa: E402
+from fastpred.backends.triton_kernels import triton_common  # noqa: E402
+from fastpred.backends.triton_kernels.triton_common import TileConfig  # noqa: E402
+from fastpred.backends.triton_kernels.triton_corr import corr_ema_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 results: the interpreter's tl.dot is an fp32 matmul, a GPU's is IEEE fp32
@@ -304,7 +304,7 @@ _TRACE_GPU_OPS = """
 import torch
 from functorch.compile import aot_function
 from torch._subclasses.fake_tensor import FakeTensorMode
-from fastpred.kernels import triton_common, triton_corr, triton_rebuild
+from fastpred.backends.triton_kernels import triton_common, triton_corr, triton_rebuild
 assert not triton_common.INTERPRETED
 graphs = []
 def keep(gm, _):

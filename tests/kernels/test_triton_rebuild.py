@@ -12,9 +12,9 @@ from fastpred import functional  # noqa: E402
 from fastpred.backends import reference, resolve  # noqa: E402
 from fastpred.backends import triton as tb  # noqa: E402
 from fastpred.eig_map import EigMap  # noqa: E402
-from fastpred.kernels import triton_common  # noqa: E402
-from fastpred.kernels.triton_common import TileConfig  # noqa: E402
-from fastpred.kernels.triton_rebuild import rebuild_launch  # noqa: E402
+from fastpred.backends.triton_kernels import triton_common  # noqa: E402
+from fastpred.backends.triton_kernels.triton_common import TileConfig  # noqa: E402
+from fastpred.backends.triton_kernels.triton_rebuild import rebuild_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-5, atol=1e-5)  # IEEE fp32 tl.dot (interpreter; GPU at "highest" precision)

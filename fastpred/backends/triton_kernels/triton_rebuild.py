@@ -16,7 +16,7 @@ How the kernel works:
   ``power`` 1 and 1/2 are exact (identity, IEEE square root); other powers use
   ``exp2(power * log2(.))``. The division is IEEE (``div_rn``), like torch's.
 - W is symmetric: only lower-triangle tiles are computed and each is stored
-  with its mirror image (see :func:`fastpred.kernels.triton_common.store_mirrored`),
+  with its mirror image (see :func:`fastpred.backends.triton_kernels.triton_common.store_mirrored`),
   so ``W == W^T`` bitwise. ``sum_k U[i,k] p_k U[j,k]`` needs no sign assumption
   on p (``min_eig < 0`` or ``eps < 0`` are allowed).
 - ``tl.dot`` accumulates in fp32 with the precision of
@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from ..eig_map import EigMap
+from ...eig_map import EigMap
 from .triton_common import (
     MAX_DIM,
     TileConfig,

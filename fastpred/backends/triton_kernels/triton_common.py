@@ -1,7 +1,7 @@
 """What the two Triton kernels share: launch configurations, the lower-triangle tile
 grid, the mirrored store, limits, the dot precision and the operator registration.
 
-:mod:`fastpred.kernels.triton_corr` (Eq. 19) and :mod:`fastpred.kernels.triton_rebuild`
+:mod:`fastpred.backends.triton_kernels.triton_corr` (Eq. 19) and :mod:`fastpred.backends.triton_kernels.triton_rebuild`
 (Eq. 18) both compute a symmetric ``d x d`` result from the tiles of its lower
 triangle and store each tile with its mirror image.
 """
