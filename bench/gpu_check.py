@@ -382,6 +382,15 @@ def bench_full(dims, rounds) -> list[dict]:
     return rows
 
 
+def bench_module_steps(rounds: int) -> list[dict]:
+    """``DirectPredictor``'s own step on the GPU (per call; attached with per-view calls),
+    fp32 and bf16 features, against its floor, with host syncs per step
+    (:func:`bench.module_step.cuda_module_steps`: the path users run, issue 26)."""
+    from bench.module_step import cuda_module_steps
+
+    return cuda_module_steps(dim=256, n=512, repeats=max(rounds, 10) * 5)
+
+
 def count_syncs(dim: int = 256, steps: int = 5) -> list[dict]:
     """Per backend: synchronizing calls per predictor step, and host time held behind a GPU sleep."""
     from fastpred import DirectPredictor
@@ -508,6 +517,10 @@ def markdown(result: dict) -> str:
         lines += train_step_markdown(result["train_step"], dry_run=bool(result.get("dry_run")))
     if "syncs" not in result:
         return "\n".join(lines) + "\n"
+    lines += ["", "## The module's step (d=256, N=512): per call and attached, against its floor", "",
+              "| features | case | GPU ms | x floor | host syncs/step |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['dtype']} | {r['case']} | {r['median_ms']:.3f} | {r['x_floor']:.2f}x | {r.get('host_syncs', '')} |"
+              for r in result.get("module_steps", [])]
     lines += ["", "## Host synchronisations per predictor step", "",
               "| backend | syncs/step | host ms held behind a GPU sleep (of ms) |", "|---|---:|---:|"]
     lines += [f"| {r['backend']} | {r['syncs_per_step']:.1f} | {r['host_ms_behind_sleep']:.1f} ({r['sleep_ms']:.0f}) |"
@@ -579,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             result["tests"] = run_gpu_tests(out, BUDGET, args.test_timeout)
             failed |= result["tests"]["returncode"] != 0
         result["train_step"] = bench_train_step(args.quick)
+        result["module_steps"] = bench_module_steps(grid["rounds"])
         result["syncs"] = count_syncs()
         result["directcopy"] = bench_directcopy([256, 1024], grid["rounds"])
         result["full"] = bench_full(grid["dims"], grid["rounds"])
