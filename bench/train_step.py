@@ -51,7 +51,7 @@ import torch.nn as nn
 import fastpred
 from bench.train_throughput import SyntheticImages
 from train import data
-from train.config import Config, load_config, set_key
+from train.config import Config, from_dict, load_config
 from train.batch_augment import BatchAugment
 from train.pretrain import Learner, train_step
 from train.step_timing import build
@@ -212,9 +212,7 @@ class Variant:
 
 
 def case_config(case: Case, predictor: str = "directpred") -> Config:
-    cfg = load_config(case.preset, list(case.overrides))
-    set_key(cfg, "predictor.name", predictor)
-    return cfg
+    return from_dict({"predictor": {"name": predictor}}, load_config(case.preset, list(case.overrides)))
 
 
 def make_variant(case: Case, predictor: str, device: torch.device, feed: Callable[[], tuple]) -> Variant:

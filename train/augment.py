@@ -13,11 +13,7 @@ import torch
 from torchvision.transforms import v2 as T
 
 from .config import AugConfig
-
-
-def _blur_kernel(size: int, fraction: float) -> int:
-    k = max(3, int(round(size * fraction)))
-    return k if k % 2 == 1 else k + 1  # GaussianBlur needs an odd kernel
+from .config_checks import blur_kernel_side
 
 
 def _finish(mean: Sequence[float], std: Sequence[float], normalize: bool) -> list:
@@ -43,7 +39,7 @@ def view_transform(cfg: AugConfig, view: int, size: int, mean: Sequence[float], 
     if cfg.gray_p > 0:
         steps.append(T.RandomGrayscale(cfg.gray_p))
     if cfg.blur_p[view] > 0:
-        steps.append(T.RandomApply([T.GaussianBlur(_blur_kernel(size, cfg.blur_kernel), sigma=(0.1, 2.0))],
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_side(size, cfg.blur_kernel), sigma=(0.1, 2.0))],
                                    p=cfg.blur_p[view]))
     if cfg.solarize_p[view] > 0:
         # before ToDtype: PIL and uint8 images, so the threshold is on the 0-255 scale

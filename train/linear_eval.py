@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, monitor
 from .augment import eval_transform, linear_train_transform
-from .config import Config, ConfigError, EvalConfig, from_dict, load_config, parse_override, set_key, validate
+from .config import Config, ConfigError, EvalConfig, load_config, merge, validate
 from .model import build_model
 from .utils import DistInfo, cleanup_distributed, init_distributed, log
 
@@ -222,9 +222,7 @@ def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool
     (default: the checkpoint's folder)."""
     state = checkpoint.load(ckpt, required=("config", "model", "step"))
     try:
-        cfg = from_dict(state["config"])
-        for text in overrides:
-            set_key(cfg, *parse_override(text))
+        cfg = merge(None, state["config"], overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     check_eval_config(cfg)

@@ -25,7 +25,7 @@ import time
 import torch
 
 from . import data
-from .config import load_config, set_key
+from .config import from_dict, load_config
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .pretrain import Learner, amp_dtype, train_step
@@ -42,9 +42,7 @@ VARIANTS = {  # name -> predictor overrides
 
 
 def build(preset: str, overrides: list[str], variant: str, batch: int, device: torch.device):
-    cfg = load_config(preset, overrides)
-    for k, v in VARIANTS[variant].items():
-        set_key(cfg, f"predictor.{k}", v)
+    cfg = from_dict({"predictor": VARIANTS[variant]}, load_config(preset, overrides))
     model = build_model(cfg, data.spec(cfg.data).channels, cfg.seed).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
