@@ -322,7 +322,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     parser = get_args_parser()
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value before, between or after options
     if (args.ckpt is None) == (args.reference is None):
         parser.error("give either --ckpt or --reference (with --config and --out)")
     try:

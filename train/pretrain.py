@@ -404,13 +404,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start over even if --out holds checkpoints (its contents move to --out/old-<n>/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=0.1 (anywhere on the line)")
     return p
 
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: one ``error: ...`` line and exit status 1 for every user mistake."""
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_intermixed_args(argv)  # key=value before, between or after options
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
