@@ -173,43 +173,59 @@ def _fmt(mean: float, std: float, n: int, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def recipe(grid: Grid) -> str:
+    """What every row of the grid starts from: its preset and overrides, as the runs are configured."""
+    cfg = load_config(grid.preset, grid.set)
+    d, m, o, p, ev = cfg.data, cfg.model, cfg.optim, cfg.predictor, cfg.eval
+    target = f"EMA target {m.ema_tau}" if m.ema else "no EMA target"
+    predictor = f"DirectPred rho {p.rho}, eps {p.eps}" if p.name == "directpred" else f"predictor {p.name}"
+    features = "random-resized-crop and flip each epoch" if ev.augment else "cached centre-crop features"
+    return (f"Recipe (preset `{grid.preset}`" + "".join(f", {s}" for s in grid.set) + ", frozen before the study; "
+            f"a row's *setting* changes it): {m.arch} backbone, projector {m.proj_hidden} -> {m.proj_dim}, "
+            f"{cfg.epochs} epochs on {d.train_subset or 'all'} `{d.name}` training images, batch {cfg.batch_size}, "
+            f"{o.name.upper()} lr {o.lr} wd {o.weight_decay}, {target}; {predictor}; {cfg.loss.name} loss "
+            f"({cfg.loss.form}). Linear evaluation: frozen backbone, {features}, {ev.epochs} epochs, lr chosen from "
+            f"{list(ev.lr_grid)} on {ev.val_fraction:.0%} of the training images held out, test on the `{d.name}` "
+            "test split.")
+
+
+def how_verdicts_read() -> str:
+    """How study.md's verdicts are read (for a grid whose rows make claims)."""
+    return ("Verdicts: the direction each row claims (column *paper says*) checked here on the linear top-1, "
+            "*collapses* / *learns* against the random-init network (an effective rank below "
+            f"{COLLAPSE_ERANK:g} counts as collapse). A seed fixes the initial network, the data order and "
+            "the linear evaluation's split in every row, so with at least "
+            f"{MIN_PAIRS} seeds finished in both rows the verdict is read on the **paired** per-seed "
+            f"differences (table *Claims, paired by seed*): *holds* when their {LEVEL * 100:g} % Student-t "
+            "interval excludes 0 in the claimed direction, *contradicted* when it excludes 0 the other way, "
+            "*undecided* otherwise; a ≈ claim holds when the interval lies within "
+            f"±{SIMILAR_MARGIN:g} point of top-1 (the equivalence margin: about one row's seed-to-seed std in "
+            "the `paper` grid, chosen after that grid ran and before the `long` grid did), "
+            "is contradicted when it lies wholly outside, undecided otherwise. With fewer paired seeds, "
+            "the unpaired rule on the means: *within noise* when the difference is no larger than the "
+            "larger standard deviation of the two rows, else holds / does not. *here*: the difference "
+            "of the means and that spread.")
+
+
 def write_report(grid: Grid, state: dict, out: Path, seeds: int, command: str) -> None:
     """study.md (table, verdicts, how to reproduce) and study.png (top-1 per row)."""
     total = len(grid.rows) * seeds  # train.study.plan's length
     done = [r for r in state["runs"].values()]
     wall = sum(r["wall_s"] for r in done)
-    cfg = load_config(grid.preset, grid.set)
-    lines = [f"# Study `{grid.name}`: the paper's ablations on `{grid.preset}`", "",
+    claims = any(row.expect for row in grid.rows)
+    lines = [f"# Study `{grid.name}`" + (": the paper's ablations" if any(r.paper for r in grid.rows) else "")
+             + f" on `{grid.preset}`", "",
              f"Reproduce: `{command}` (resumable; finished runs are kept).", "",
              f"State: {len(done)} of {total} runs finished ({seeds} seeds per row), "
              f"{wall / 3600:.2f} h of run wall time so far{_concurrency(done)}. "
              f"Machine: {state.get('machine', machine())}.", "",
-             f"Recipe (preset `{grid.preset}`" + "".join(f", {o}" for o in grid.set) + ", frozen before the study): "
-             f"{cfg.model.arch} backbone, projector "
-             f"{cfg.model.proj_hidden} -> {cfg.model.proj_dim}, {cfg.epochs} epochs on "
-             f"{cfg.data.train_subset or 'all'} training images, batch {cfg.batch_size}, SGD lr {cfg.optim.lr} "
-             f"wd {cfg.optim.weight_decay}, EMA {cfg.model.ema_tau}; DirectPred rho {cfg.predictor.rho}, "
-             f"eps {cfg.predictor.eps}. Linear evaluation: frozen backbone, cached centre-crop features, "
-             f"{cfg.eval.epochs} epochs, lr chosen from {list(cfg.eval.lr_grid)} on {cfg.eval.val_fraction:.0%} "
-             "of the training images held out, test on the 10 000 test images.", "",
+             recipe(grid), "",
              *([grid.notes, ""] if grid.notes else []),
-             "Verdicts: the paper's direction (column *paper says*) checked here on the linear top-1, "
-             "*collapses* / *learns* against the random-init network (an effective rank below "
-             f"{COLLAPSE_ERANK:g} counts as collapse). A seed fixes the initial network, the data order and "
-             "the linear evaluation's split in every row, so with at least "
-             f"{MIN_PAIRS} seeds finished in both rows the verdict is read on the **paired** per-seed "
-             f"differences (table *Claims, paired by seed*): *holds* when their {LEVEL * 100:g} % Student-t "
-             "interval excludes 0 in the claimed direction, *contradicted* when it excludes 0 the other way, "
-             "*undecided* otherwise; a ≈ claim holds when the interval lies within "
-             f"±{SIMILAR_MARGIN:g} point of top-1 (the equivalence margin: about one row's seed-to-seed std in "
-             "the `paper` grid, chosen after that grid ran and before the `long` grid did), "
-             "is contradicted when it lies wholly outside, undecided otherwise. With fewer paired seeds, "
-             "the unpaired rule on the means: *within noise* when the difference is no larger than the "
-             "larger standard deviation of the two rows, else holds / does not. *here*: the difference "
-             "of the means and that spread. *eff. rank*: effective rank (Roy & Vetterli 2007) of the "
-             "backbone features of the training images the linear classifier sees; *kNN*: the trainer's "
-             "weighted kNN monitor at the end of pre-training. Paper numbers are STL-10, ResNet-18, 100 epochs, "
-             "5 seeds unless noted: only their direction is comparable.", "",
+             *([how_verdicts_read()] if claims else []),
+             "*eff. rank*: effective rank (Roy & Vetterli 2007) of the backbone features of the training images "
+             "the linear classifier sees; *kNN*: the trainer's weighted kNN monitor at the end of pre-training."
+             + (" Paper numbers are STL-10, ResNet-18, 100 epochs, 5 seeds unless noted: only their direction is "
+                "comparable." if any(r.paper for r in grid.rows) else ""), "",
              "| row | setting | n | linear top-1 (%) | eff. rank | kNN top-1 (%) | paper | paper says | here | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in grid.rows:

@@ -253,6 +253,22 @@ def test_report_shows_the_paired_differences_and_the_unpaired_seeds(tmp_path):
     assert "- sgd vs random_init: seed 4 finished in random_init only: left out of the pairing." in table
 
 
+def test_a_custom_grids_report_describes_its_own_grid_and_config(tmp_path):
+    # issue 25 (new user 5): the report wrote "the paper's ablations", "the 10 000 test images" and "SGD"
+    # for any grid: here a digits grid (360 test images) trained with LARS, without a paper or a claim
+    grid_file = tmp_path / "mine.yaml"
+    grid_file.write_text("preset: digits\nseeds: 2\nset: {optim.name: lars, model.ema: false, model.stop_grad: false}\n"
+                         "rows:\n  - {name: dp, what: DirectPred}\n  - {name: lin, set: {predictor.name: linear}}\n")
+    grid = study.load_grid(str(grid_file))
+    study_report.write_report(grid, _state({"dp": [60.0, 61.0], "lin": [55.0]}), tmp_path, 2, "python -m train.study")
+    md = (tmp_path / "study.md").read_text()
+    for wrong in ("paper's", "10 000", "SGD", ", EMA", "STL-10", "Verdicts:"):
+        assert wrong not in md, wrong
+    assert md.startswith("# Study `mine` on `digits`\n")
+    assert "LARS lr 0.05" in md and "no EMA target" in md and "`digits` training images" in md
+    assert "test on the `digits` test split" in md
+
+
 def test_paper_grid_report_shows_paired_stats_for_its_claims(tmp_path):
     """The recorded 3-seed paper study: its report gets a paired line for every claim row."""
     grid = study.load_grid("paper")
