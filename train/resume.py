@@ -16,8 +16,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import checkpoint
 from .config import Config, ConfigError, diff, from_saved, save_yaml, to_dict
 from .run_state import EpochSums, Run, bare_module, host_losses
-from .utils import (MetricsLog, all_reduce_sum, gather_objects, log, read_metrics, rng_state, set_rng_state,
-                    warn)
+from .metrics_log import MetricsLog, read_metrics
+from .utils import all_reduce_sum, gather_objects, log, rng_state, set_rng_state, warn
 
 
 STATE_KEYS = ("config", "step", "epoch", "batch", "world_size", "per_rank", "last_eval", "model", "optimizer",

@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import data, monitor
 from .config import Config
 from .model import BYOL
-from .utils import DistInfo, MetricsLog
+from .metrics_log import MetricsLog
+from .utils import DistInfo
 
 
 @dataclass

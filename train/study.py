@@ -46,7 +46,7 @@ from . import checkpoint
 from .config import ConfigError, diff, from_dict, from_saved, load_config, to_dict
 from .linear_eval import REFERENCES
 from .study_report import machine, write_report
-from .utils import read_metrics
+from .metrics_log import read_metrics
 from .yaml_files import load_yaml, named_yaml, read_text
 
 CHECKOUT = Path(__file__).resolve().parents[1]

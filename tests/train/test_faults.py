@@ -21,7 +21,7 @@ import torch
 
 from train import checkpoint, linear_eval, pretrain
 from train.config import RANGES, Config, ConfigError, _flatten, from_dict, load_config, to_dict
-from train.utils import MetricsLog
+from train.metrics_log import MetricsLog
 
 REPO = Path(__file__).resolve().parents[2]
 # 1 epoch of 5 steps on digits: checkpoints at step 4 (ckpt.every_steps) and 5 (the epoch's end)
