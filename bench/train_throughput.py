@@ -34,7 +34,7 @@ from train.augment import two_view_transforms
 from train.batch_augment import BatchAugment
 from train.config import load_config
 from train.pretrain import Learner, train_step
-from train.step_timing import build
+from bench.step_timing import build
 
 PIPELINES = ("per_sample", "batched")
 

@@ -1,7 +1,7 @@
 """Time one full training step (forward, backward, optimizer, schedules, EMA) per predictor,
 side by side in one process, interleaved.
 
-    python -m train.step_timing [--config digits] [--batch-size B] [--steps 5] [--rounds 5] [--json FILE]
+    python -m bench.step_timing [--config digits] [--batch-size B] [--steps 5] [--rounds 5] [--json FILE]
 
 Every variant starts from the same weights (same seed) and sees the same synthetic batches
 (random tensors shaped like the preset's augmented views: timing the model, not the data
@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from . import data
-from .config import from_dict, load_config
-from .model import build_model
-from .optim import build_optimizer, build_scheduler
-from .pretrain import Learner, amp_dtype, train_step
+from train import data
+from train.config import from_dict, load_config
+from train.model import build_model
+from train.optim import build_optimizer, build_scheduler
+from train.pretrain import Learner, amp_dtype, train_step
 
 VARIANTS = {  # name -> predictor overrides
     "directpred": {"name": "directpred", "freq": 1},
