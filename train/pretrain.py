@@ -109,8 +109,6 @@ def train_step(learner: Learner, v1: torch.Tensor, v2: torch.Tensor, labels: tor
     ``labels`` (-1 for unlabeled images) train the probe, if there is one.
     Returns (loss, probe loss or None, the projector outputs the predictor saw), all detached.
     """
-    if isinstance(learner.bare.predictor, fastpred.DirectPredictor):
-        learner.bare.predictor.attach(learner.optimizer)  # idempotent: one DirectPred step per optimizer step
     with torch.autocast(v1.device.type, dtype=learner.dtype or torch.float32, enabled=learner.dtype is not None):
         loss, h1, z = learner.model(v1, v2)
     total, probe_loss = loss, None
@@ -299,7 +297,7 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     if own_corr(bare.predictor) is None:
         diag_corr = torch.zeros(cfg.model.proj_dim, cfg.model.proj_dim, device=info.device)
     learner = Learner(bare=bare, model=bare, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
-                      probe=probe, probe_opt=probe_opt)
+                      probe=probe, probe_opt=probe_opt)  # attaches a DirectPredictor to the optimizer
     return Run(cfg=cfg, info=info, out=out, learner=learner, sampler=sampler, train_loader=train_loader,
                bank_loader=bank_loader, test_loader=test_loader, num_classes=n_classes, total_steps=total_steps,
                diag=monitor.Diagnostics(), diag_corr=diag_corr)

@@ -12,10 +12,12 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fastpred
+
 from . import data, monitor
 from .config import Config
-from .model import BYOL
 from .metrics_log import MetricsLog
+from .model import BYOL
 from .utils import DistInfo
 
 
@@ -38,7 +40,9 @@ class EpochSums:
 
 @dataclass(kw_only=True)
 class Learner:
-    """What one optimizer step updates (``train.pretrain.train_step``)."""
+    """What one optimizer step updates (``train.pretrain.train_step``). Made once per run, at setup,
+    where a DirectPred predictor is attached to the optimizer: each optimizer step is one DirectPred
+    step (F's update and W_p's rebuild when due), whatever the number of forward calls in it."""
 
     bare: BYOL  # the network before any DDP wrap: saved, evaluated, EMA-updated
     model: nn.Module  # what the step calls (DDP(bare) under torchrun)
@@ -48,6 +52,10 @@ class Learner:
     dtype: torch.dtype | None  # autocast dtype, None for float32
     probe: nn.Module | None = None  # online linear probe on detached features
     probe_opt: torch.optim.Optimizer | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bare.predictor, fastpred.DirectPredictor):
+            self.bare.predictor.attach(self.optimizer)
 
 
 @dataclass(kw_only=True)
