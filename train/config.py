@@ -349,6 +349,12 @@ def diff(a: Config, b: Config) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
+def old_to_new(old: dict, new: dict, keys: Iterable[str]) -> str:
+    """``"optim.lr 0.05 -> 0.1, seed 0 -> 1"``: each key's value in two nested dicts (None where absent)."""
+    fo, fn = _flatten(old), _flatten(new)
+    return ", ".join(f"{k} {fo.get(k)!r} -> {fn.get(k)!r}" for k in keys)
+
+
 def to_yaml(cfg: Config | dict) -> str:
     """A configuration (or its :func:`to_dict`) as YAML, in declaration order."""
     return OmegaConf.to_yaml(cfg if isinstance(cfg, dict) else OmegaConf.structured(cfg))

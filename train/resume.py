@@ -8,13 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint
-from .config import Config, ConfigError, diff, from_saved, save_yaml, to_dict
+from .config import Config, ConfigError, diff, from_saved, old_to_new, save_yaml, to_dict
 from .run_state import EpochSums, Run, bare_module, host_losses
 from .metrics_log import MetricsLog, read_metrics
 from .utils import all_reduce_sum, gather_objects, log, rng_state, set_rng_state, warn
@@ -154,7 +154,7 @@ def check_resumable(state: dict, cfg: Config, path: Path) -> None:
     changed = [k for k in config_changes(state, cfg) if k.startswith(FIXED_ON_RESUME)]
     saved = state["config"]
     if changed:
-        values = ", ".join(f"{k} {_get(saved, k)!r} -> {_get(to_dict(cfg), k)!r}" for k in changed)
+        values = old_to_new(saved, to_dict(cfg), changed)
         raise ConfigError(f"{path} cannot be resumed with other values for {values}: the checkpoint's optimizer, "
                           "schedule and sampler state would keep the old ones; use the checkpoint's values, "
                           "or --fresh to start over with these")
@@ -162,12 +162,6 @@ def check_resumable(state: dict, cfg: Config, path: Path) -> None:
         raise ConfigError(f"epochs={cfg.epochs}: {path} has already trained {state['epoch']} epochs "
                           f"(of epochs={saved.get('epochs')}); use epochs>={state['epoch'] + 1}, "
                           "or --fresh to start over")
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 def config_changes(state: dict, cfg: Config) -> list[str]:

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .config import ConfigError, diff, from_dict, from_saved, load_config, to_dict
+from .config import ConfigError, diff, from_dict, from_saved, load_config, old_to_new, to_dict
 from .linear_eval import REFERENCES
 from .study_report import machine, write_report
 from .metrics_log import read_metrics
@@ -195,16 +195,10 @@ def check_unchanged(grid: Grid, state: dict) -> None:
             problems.append(f"{key}: its recorded configuration no longer loads ({e})")
             continue
         if changed:
-            problems.append(f"{key}: " + ", ".join(f"{k} {_get(rec['config'], k)!r} -> {_get(now, k)!r}" for k in changed))
+            problems.append(f"{key}: {old_to_new(rec['config'], now, changed)}")
     if problems:
         raise ConfigError("the grid changed since these runs were recorded: " + "; ".join(sorted(set(problems)))
                           + " (use another --out, or delete the recorded runs to redo them)")
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 def load_state(out: Path, grid: Grid) -> dict:
