@@ -28,7 +28,8 @@ from train import data
 from train.config import from_dict, load_config
 from train.model import build_model
 from train.optim import build_optimizer, build_scheduler
-from train.pretrain import Learner, amp_dtype, train_step
+from train.pretrain import train_step
+from train.run_state import Learner, amp_dtype
 
 VARIANTS = {  # name -> predictor overrides
     "directpred": {"name": "directpred", "freq": 1},

@@ -34,7 +34,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 import fastpred
 
-from .config_checks import RANGES, check_augment, check_loss
+from .config_checks import check_augment, check_loss, check_ranges
 from .yaml_files import load_yaml, named_yaml, read_text
 
 
@@ -196,23 +196,16 @@ class Config:
 
 
 def validate(cfg: Config) -> None:
-    """Check every key of ``RANGES`` (OmegaConf checked the types), then the checks across keys:
-    :func:`check_augment` and :func:`check_loss`.
+    """What OmegaConf's types do not check (:mod:`train.config_checks`): every key's range, then the
+    checks across keys.
 
     Raises:
-        ValueError: naming the first key out of range, its value and the accepted range.
+        ValueError: naming the first key out of range (its value and the accepted range), or the keys
+            that do not go together.
     """
-    values = _flatten(to_dict(cfg))
-    for key, accepted in RANGES.items():
-        value = values[key]
-        if isinstance(value, list) and not value:
-            raise ValueError(f"{key}=[] is empty: it needs at least one value, each {accepted}")
-        if not all(v in accepted for v in (value if isinstance(value, list) else [value])):
-            each = "each value " if isinstance(value, list) else ""
-            raise ValueError(f"{key}={value!r} is out of range: {each}must be {accepted}")
+    check_ranges(flat(cfg))
     check_augment(cfg.aug, cfg.data.image_size)
     check_loss(cfg)
-
 
 
 # ----------------------------------------------------------------------------- loading

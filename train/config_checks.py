@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the schema imports these checks
     from .config import AugConfig, Config
@@ -66,6 +66,21 @@ RANGES: dict[str, Range] = {
     "eval.val_fraction": BELOW_1, "eval.weight_decay": NON_NEGATIVE,
     "ckpt.every_steps": NON_NEGATIVE, "ckpt.keep": AT_LEAST_1,
 }
+
+
+def check_ranges(values: dict[str, Any]) -> None:
+    """Each key of ``RANGES`` in ``values`` (``{"dotted.key": value}``) within its range.
+
+    Raises:
+        ValueError: naming the first key out of range, its value and the accepted range.
+    """
+    for key, accepted in RANGES.items():
+        value = values[key]
+        if isinstance(value, list) and not value:
+            raise ValueError(f"{key}=[] is empty: it needs at least one value, each {accepted}")
+        if not all(v in accepted for v in (value if isinstance(value, list) else [value])):
+            each = "each value " if isinstance(value, list) else ""
+            raise ValueError(f"{key}={value!r} is out of range: {each}must be {accepted}")
 
 
 def blur_kernel_side(size: int, fraction: float) -> int:

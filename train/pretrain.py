@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import errno
 import math
-import os
 import time
 from pathlib import Path
 
@@ -40,65 +39,10 @@ from .model import build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
 from .resume import (Diverged, check_resumable, claim_folder, config_changes, diverged_message, finished_outputs,
                      save_checkpoint, start)
-from .run_state import EpochSums, Learner, Run, bare_module, host_losses
+from .run_state import (EpochSums, Learner, Run, amp_dtype, bare_module, check_replicas, host_losses, own_corr,
+                        write_plots)
 from .utils import (DistInfo, Preemption, Timer, all_reduce_sum, cleanup_distributed, differences_across_ranks,
                     exit_with_error, gather_objects, init_distributed, log, seed_all, warn)
-
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    if cfg.amp not in AMP:
-        raise ValueError(f"amp={cfg.amp!r}: expected none, bf16 or fp16")
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device (use bf16 on CPU)")
-    return AMP[cfg.amp]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def own_corr(predictor: nn.Module) -> torch.Tensor | None:
-    """The predictor's own single F̂ (d x d), if it keeps one."""
-    corr = getattr(predictor, "corr", None)
-    return corr if isinstance(predictor, fastpred.DirectPredictor) and corr.ndim == 2 else None
-
-
-def write_plots(run: Run) -> None:
-    """``diagnostics.json`` and ``diagnostics.png``, each written whole or not at all (temp file, rename).
-
-    Raises:
-        OSError: naming the file that could not be written (a full disk, a file size limit).
-    """
-    if not run.info.is_main:
-        return
-    cfg = run.cfg
-    title = f"{cfg.data.name} {cfg.model.arch} predictor={cfg.predictor.name} loss={cfg.loss.name} ({cfg.loss.form})"
-    for name, write in (("diagnostics.json", run.diag.to_json),
-                        ("diagnostics.png", lambda p: run.diag.plot(p, cfg.monitor.collapse_erank, title))):
-        path = run.out / name
-        tmp = path.with_name(f".tmp-{name}")  # the suffix tells matplotlib the format
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-
-
-def check_replicas(run: Run) -> None:
-    """Under DDP every rank must end with the same parameters and predictor state (F̂, W_p)."""
-    if not run.info.distributed:
-        return
-    with torch.no_grad():
-        sums = [float(p.double().sum()) for p in run.learner.bare.parameters()]
-        sums += [float(b.double().sum()) for b in run.learner.bare.predictor.buffers()]
-    every = gather_objects(sums)
-    if any(s != every[0] for s in every[1:]):
-        warn("ranks ended with different weights or predictor state")
-    else:
-        log(f"replicas consistent across {run.info.world_size} ranks")
-
 
 # ----------------------------------------------------------------------------- training and evaluation
 
