@@ -5,18 +5,18 @@ A run's configuration is the dataclass defaults (which are the ``digits`` preset
 preset, then dotted ``key=value`` overrides from the command line, e.g.
 ``optim.lr=0.05 predictor.name=linear predictor.freq=5``. The dataclasses are an OmegaConf
 structured config in struct mode: an unknown key, or a value that does not convert to the key's
-type, is one error line naming the key. Values are parsed as YAML 1.2 (:mod:`train.yaml_files`).
+type, is one error line naming the key. Values are parsed as YAML 1.2 (:mod:`train.yaml_files`),
+then converted as OmegaConf converts them (``1`` for a float key is 1.0, ``yes`` for a boolean is
+true, a number for a text key is its text); ``${other.key}`` interpolations resolve.
 
 ``loss.name`` (byol | isoloss) and ``loss.form`` (cosine | euclidean) choose the prediction loss
-of :mod:`fastpred.losses`; :func:`check_loss` refuses IsoLoss where it is undefined.
+of :mod:`fastpred.losses`. The ``predictor.*`` keys are ``name`` (directpred | linear | mlp |
+none), ``mlp_hidden``, ``symmetric`` and every keyword argument of :class:`fastpred.DirectPredictor`
+(``rho``, ``eps``, ``freq``, ...), read from its signature with its defaults.
 
-The ``predictor.*`` keys are ``name`` (directpred | linear | mlp | none), ``mlp_hidden``,
-``symmetric`` and every keyword argument of :class:`fastpred.DirectPredictor` (``rho``, ``eps``,
-``freq``, ...), read from its signature with its defaults.
-
-What OmegaConf does not do is ours: every numeric key has an accepted range (``RANGES``), checked
-with the other cross-key checks by :func:`validate` when the configuration is built, before
-anything runs; a tuple key has a fixed number of values.
+What OmegaConf does not check is ours (:mod:`train.config_checks`, run by :func:`validate` when the
+configuration is built, before anything runs): each numeric key's range, the checks across keys,
+and a tuple key's number of values.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from train import checkpoint, linear_eval, pretrain
-from train.config import RANGES, Config, ConfigError, _flatten, from_dict, load_config, to_dict
+from train.config import Config, ConfigError, _flatten, from_dict, load_config, to_dict
+from train.config_checks import RANGES
 from train.metrics_log import MetricsLog
 
 REPO = Path(__file__).resolve().parents[2]

@@ -131,7 +131,7 @@ def test_setup_attaches_the_directpredictor_to_the_optimizer_once(tmp_path):
     cfg = load_config(None, RUN)
     run = pretrain.setup(cfg, tmp_path / "run", init_distributed(cfg.device))
     predictor = run.learner.bare.predictor
-    assert predictor.attach(run.learner.optimizer) is predictor.attach(run.learner.optimizer)  # the same handle
-    with pytest.raises(RuntimeError, match="already attached"):
+    with pytest.raises(RuntimeError, match="already attached"):  # to the run's optimizer, before any step
         predictor.attach(torch.optim.SGD(predictor.parameters(), lr=0.1))
+    assert predictor.attach(run.learner.optimizer) is predictor.attach(run.learner.optimizer)  # the same handle
     assert not (tmp_path / "run").exists()  # setup writes nothing
