@@ -49,12 +49,12 @@ import torch
 import torch.nn as nn
 
 import fastpred
+from bench.step_timing import build
 from bench.train_throughput import SyntheticImages
 from train import data
 from train.config import Config, from_dict, load_config
 from train.batch_augment import BatchAugment
 from train.pretrain import Learner, train_step
-from bench.step_timing import build
 
 
 PREDICTORS = ("directpred", "linear", "none")

@@ -237,8 +237,8 @@ def _one_line(e: OmegaConfBaseException, key: str) -> ValueError:
 
 
 def _as_config(node: DictConfig) -> Config:
-    """The dataclasses from OmegaConf's tree: lists back into the tuples the schema declares, each of
-    the declared length (OmegaConf reads ``tuple[float, float]`` as a list of floats of any length)."""
+    """The dataclasses from OmegaConf's tree, with the tuples the schema declares, each of the declared
+    length (OmegaConf 2.3 reads ``tuple[float, float]`` as a list of floats of any length; 2.4 checks)."""
 
     def typed(obj: Any, prefix: str) -> Any:
         hints = typing.get_type_hints(type(obj))
@@ -317,8 +317,15 @@ def load_config(preset: str | None = None, overrides: Iterable[str] = ()) -> Con
 
 
 def to_dict(cfg: Config) -> dict:
-    """Nested plain dict (tuples become lists): YAML- and ``weights_only``-safe."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    """Nested plain dict (tuples become lists, as OmegaConf < 2.4 and every saved configuration
+    has them): YAML- and ``weights_only``-safe."""
+
+    def lists(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: lists(x) for k, x in v.items()}
+        return [lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return lists(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
