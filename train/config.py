@@ -22,6 +22,7 @@ and a tuple key's number of values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import typing
 from collections.abc import Iterable
@@ -224,6 +225,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), load_yaml(raw, f"override {text!r}") if raw.strip() else ""
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The defaults as an OmegaConf structured config in struct mode, built once (the slow part:
+    a copy is a fraction of it). Never changed: merges work on copies."""
+    node = OmegaConf.structured(Config)
+    OmegaConf.set_struct(node, True)
+    return node
+
+
 def _one_line(e: OmegaConfBaseException, key: str) -> ValueError:
     """OmegaConf's error (several lines) as one line naming ``key``; an unknown key lists the
     keys where it was looked for."""
@@ -231,7 +241,7 @@ def _one_line(e: OmegaConfBaseException, key: str) -> ValueError:
     if not isinstance(e, (ConfigKeyError, ConfigAttributeError)):
         return ValueError(f"config key {key!r}: {msg}")
     section = (e.full_key or key).rpartition(".")[0]
-    keys = OmegaConf.select(OmegaConf.structured(Config), section) if section else OmegaConf.structured(Config)
+    keys = OmegaConf.select(_schema(), section) if section else _schema()
     names = ", ".join(keys.keys()) if isinstance(keys, DictConfig) else ""
     return ValueError(f"unknown config key {key!r}: {msg} (keys in {section or 'the top level'}: {names})")
 
@@ -266,7 +276,7 @@ def merge(cfg: Config | None = None, d: dict | None = None, overrides: Iterable[
     Raises:
         ValueError: an unknown key or a value of the wrong type or shape, naming the key.
     """
-    node = OmegaConf.structured(cfg if cfg is not None else Config)
+    node = _schema().copy() if cfg is None else OmegaConf.structured(cfg)
     OmegaConf.set_struct(node, True)
     try:
         node.merge_with(d or {})
@@ -317,15 +327,15 @@ def load_config(preset: str | None = None, overrides: Iterable[str] = ()) -> Con
 
 
 def to_dict(cfg: Config) -> dict:
-    """Nested plain dict (tuples become lists, as OmegaConf < 2.4 and every saved configuration
-    has them): YAML- and ``weights_only``-safe."""
+    """Nested plain dict (tuples become lists, as every saved configuration has them): YAML- and
+    ``weights_only``-safe."""
 
     def lists(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: lists(x) for k, x in v.items()}
         return [lists(x) for x in v] if isinstance(v, (list, tuple)) else v
 
-    return lists(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return lists(dataclasses.asdict(cfg))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -371,7 +381,7 @@ def presets() -> list[str]:
 
 def key_summary(indent: str = "  ") -> str:
     """The configuration keys, one line per section (for ``--help``)."""
-    node = OmegaConf.structured(Config)
+    node = _schema()
     sections = [k for k in node if isinstance(node[k], DictConfig)]
     lines = [f"{indent}(top level): " + " ".join(k for k in node if k not in sections)]
     return "\n".join(lines + [f"{indent}{s}.: " + " ".join(node[s]) for s in sections])
