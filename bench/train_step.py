@@ -3,7 +3,7 @@ answer to "what does DirectPred cost inside a real BYOL step on one GPU?".
 
     python -m bench.train_step [--device cuda] [--quick] [--toy] [--json FILE]
 
-Two cases, each built by the trainer's own code (:func:`train.step_timing.build`: the preset's
+Two cases, each built by the trainer's own code (:func:`bench.step_timing.build`: the preset's
 network, optimizer, schedule, GradScaler and autocast dtype, with ``predictor.name`` set) and
 stepped by the trainer's :func:`train.pretrain.train_step` (forward of both views, loss, online
 probe, backward, optimizer step, LR schedule, target EMA update; a DirectPredictor's statistics
@@ -49,12 +49,12 @@ import torch
 import torch.nn as nn
 
 import fastpred
+from bench.step_timing import build
 from bench.train_throughput import SyntheticImages
 from train import data
-from train.config import Config, load_config, set_key
+from train.config import Config, from_dict, load_config
 from train.batch_augment import BatchAugment
 from train.pretrain import Learner, train_step
-from train.step_timing import build
 
 
 PREDICTORS = ("directpred", "linear", "none")
@@ -212,13 +212,11 @@ class Variant:
 
 
 def case_config(case: Case, predictor: str = "directpred") -> Config:
-    cfg = load_config(case.preset, list(case.overrides))
-    set_key(cfg, "predictor.name", predictor)
-    return cfg
+    return from_dict({"predictor": {"name": predictor}}, load_config(case.preset, list(case.overrides)))
 
 
 def make_variant(case: Case, predictor: str, device: torch.device, feed: Callable[[], tuple]) -> Variant:
-    """The trainer's network, optimizer and schedule for ``predictor`` (train.step_timing.build),
+    """The trainer's network, optimizer and schedule for ``predictor`` (bench.step_timing.build),
     the online probe when the preset has one (as train.pretrain.setup), and its step on ``feed()``."""
     cfg = case_config(case, predictor)
     model, opt, sched, scaler, dtype = build(case.preset, list(case.overrides), predictor, cfg.batch_size, device)

@@ -29,12 +29,12 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from bench.step_timing import build
 from train import data
 from train.augment import two_view_transforms
 from train.batch_augment import BatchAugment
 from train.config import load_config
 from train.pretrain import Learner, train_step
-from train.step_timing import build
 
 PIPELINES = ("per_sample", "batched")
 

@@ -13,32 +13,7 @@ import torch
 from torchvision.transforms import v2 as T
 
 from .config import AugConfig
-
-
-def blur_kernel(size: int, fraction: float) -> int:
-    """GaussianBlur's kernel side for ``size`` x ``size`` images: ``fraction * size`` rounded to an
-    odd number (GaussianBlur needs one), at least 3.
-
-    Raises:
-        ValueError: the kernel is wider than reflect padding allows (``kernel // 2 < size``, so at
-            most ``2 size - 1`` pixels), naming ``aug.blur_kernel`` and ``data.image_size``.
-    """
-    k = max(3, int(round(size * fraction)))
-    k = k if k % 2 == 1 else k + 1
-    if k // 2 >= size:
-        if size < 2:
-            raise ValueError(f"data.image_size={size} is too small to blur (the smallest Gaussian kernel, 3 pixels, "
-                             "needs image_size >= 2): set aug.blur_p=[0,0] or a larger data.image_size")
-        raise ValueError(f"aug.blur_kernel={fraction:g} on data.image_size={size} gives a {k}-pixel Gaussian kernel, "
-                         f"wider than the image allows (at most {2 * size - 1}): lower aug.blur_kernel, "
-                         "or set aug.blur_p=[0,0]")
-    return k
-
-
-def check_blur(cfg: AugConfig, size: int) -> None:
-    """Raise ``ValueError`` (:func:`blur_kernel`) when either view blurs with a kernel too wide for ``size``."""
-    if any(p > 0 for p in cfg.blur_p):
-        blur_kernel(size, cfg.blur_kernel)
+from .config_checks import blur_kernel_side
 
 
 def _finish(mean: Sequence[float], std: Sequence[float], normalize: bool) -> list:
@@ -64,7 +39,7 @@ def view_transform(cfg: AugConfig, view: int, size: int, mean: Sequence[float], 
     if cfg.gray_p > 0:
         steps.append(T.RandomGrayscale(cfg.gray_p))
     if cfg.blur_p[view] > 0:
-        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel(size, cfg.blur_kernel), sigma=(0.1, 2.0))],
+        steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_side(size, cfg.blur_kernel), sigma=(0.1, 2.0))],
                                    p=cfg.blur_p[view]))
     if cfg.solarize_p[view] > 0:
         # before ToDtype: PIL and uint8 images, so the threshold is on the 0-255 scale

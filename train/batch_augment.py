@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .augment import blur_kernel
 from .config import AugConfig
+from .config_checks import blur_kernel_side
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 CROP_TRIES = 10  # RandomResizedCrop's attempts before its centre-crop fallback
@@ -308,7 +308,7 @@ class BatchAugment:
     def __init__(self, cfg: AugConfig, size: int, mean: Sequence[float], std: Sequence[float], seed: int):
         self.cfg, self.size, self.seed = cfg, size, seed
         self.mean, self.std = list(mean), list(std)
-        self.kernel = blur_kernel(size, cfg.blur_kernel) if any(p > 0 for p in cfg.blur_p) else 0
+        self.kernel = blur_kernel_side(size, cfg.blur_kernel)
         self.ranges = jitter_ranges(cfg.jitter)
 
     def params(self, epochs: torch.Tensor, indices: torch.Tensor, view: int, height: int, width: int) -> ViewParams:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, monitor
 from .augment import eval_transform, linear_train_transform
-from .config import Config, ConfigError, EvalConfig, from_dict, load_config, parse_override, set_key, validate
+from .config import Config, ConfigError, EvalConfig, load_config, merge, validate
 from .model import build_model
 from .utils import DistInfo, cleanup_distributed, init_distributed, log
 
@@ -222,9 +222,7 @@ def main(ckpt: str | Path, overrides: list[str] = (), random_init_baseline: bool
     (default: the checkpoint's folder)."""
     state = checkpoint.load(ckpt, required=("config", "model", "step"))
     try:
-        cfg = from_dict(state["config"])
-        for text in overrides:
-            set_key(cfg, *parse_override(text))
+        cfg = merge(None, state["config"], overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     check_eval_config(cfg)
@@ -324,7 +322,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     parser = get_args_parser()
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # key=value before, between or after options
     if (args.ckpt is None) == (args.reference is None):
         parser.error("give either --ckpt or --reference (with --config and --out)")
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import errno
 import math
-import os
 import time
 from pathlib import Path
 
@@ -34,19 +33,17 @@ import fastpred.backends
 import fastpred.functional
 
 from . import data, monitor
-from .augment import check_blur, eval_transform, two_view_transforms
+from .augment import eval_transform, two_view_transforms
 from .batch_augment import BatchAugment
 from .config import Config, ConfigError, SettingsDiffer, flat, key_summary, load_config, presets, to_yaml, validate
 from .model import build_model, predictor_matrix
 from .optim import build_optimizer, build_scheduler, ema_tau
 from .resume import (Diverged, check_resumable, claim_folder, config_changes, diverged_message, finished_outputs,
                      save_checkpoint, start)
-from .run_state import EpochSums, Learner, Run, bare_module, host_losses
+from .run_state import (EpochSums, Learner, Run, amp_dtype, bare_module, check_replicas, host_losses, own_corr,
+                        write_plots)
 from .utils import (DistInfo, Preemption, Timer, all_reduce_sum, cleanup_distributed, differences_across_ranks,
                     exit_with_error, gather_objects, init_distributed, log, seed_all, warn)
-
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def check_backend(cfg: Config, device: torch.device) -> None:
     """Raise ``ValueError`` naming ``predictor.backend`` when DirectPred's backend cannot run on
@@ -57,14 +54,6 @@ def check_backend(cfg: Config, device: torch.device) -> None:
         fastpred.backends.resolve(cfg.predictor.backend, device)
     except RuntimeError as e:
         raise ValueError(f"predictor.backend={cfg.predictor.backend}: {e}") from None
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    if cfg.amp not in AMP:
-        raise ValueError(f"amp={cfg.amp!r}: expected none, bf16 or fp16")
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device (use bf16 on CPU)")
-    return AMP[cfg.amp]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -91,48 +80,6 @@ def gathered_error(error: str | None, rank: int) -> None:
     raise EveryRankError("; ".join(f"rank {r}: {e}" for r, e in found), rank)
 
 
-def own_corr(predictor: nn.Module) -> torch.Tensor | None:
-    """The predictor's own single F̂ (d x d), if it keeps one."""
-    corr = getattr(predictor, "corr", None)
-    return corr if isinstance(predictor, fastpred.DirectPredictor) and corr.ndim == 2 else None
-
-
-def write_plots(run: Run) -> None:
-    """``diagnostics.json`` and ``diagnostics.png``, each written whole or not at all (temp file, rename).
-
-    Raises:
-        OSError: naming the file that could not be written (a full disk, a file size limit).
-    """
-    if not run.info.is_main:
-        return
-    cfg = run.cfg
-    title = f"{cfg.data.name} {cfg.model.arch} predictor={cfg.predictor.name} loss={cfg.loss.name} ({cfg.loss.form})"
-    for name, write in (("diagnostics.json", run.diag.to_json),
-                        ("diagnostics.png", lambda p: run.diag.plot(p, cfg.monitor.collapse_erank, title))):
-        path = run.out / name
-        tmp = path.with_name(f".tmp-{name}")  # the suffix tells matplotlib the format
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-
-
-def check_replicas(run: Run) -> None:
-    """Under DDP every rank must end with the same parameters and predictor state (F̂, W_p)."""
-    if not run.info.distributed:
-        return
-    with torch.no_grad():
-        sums = [float(p.double().sum()) for p in run.learner.bare.parameters()]
-        sums += [float(b.double().sum()) for b in run.learner.bare.predictor.buffers()]
-    every = gather_objects(sums)
-    if any(s != every[0] for s in every[1:]):
-        warn("ranks ended with different weights or predictor state")
-    else:
-        log(f"replicas consistent across {run.info.world_size} ranks")
-
-
 # ----------------------------------------------------------------------------- training and evaluation
 
 
@@ -142,8 +89,6 @@ def train_step(learner: Learner, v1: torch.Tensor, v2: torch.Tensor, labels: tor
     ``labels`` (-1 for unlabeled images) train the probe, if there is one.
     Returns (loss, probe loss or None, the projector outputs the predictor saw), all detached.
     """
-    if isinstance(learner.bare.predictor, fastpred.DirectPredictor):
-        learner.bare.predictor.attach(learner.optimizer)  # idempotent: one DirectPred step per optimizer step
     with torch.autocast(v1.device.type, dtype=learner.dtype or torch.float32, enabled=learner.dtype is not None):
         loss, h1, z = learner.model(v1, v2)
     total, probe_loss = loss, None
@@ -302,7 +247,6 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     Raises ConfigError naming the key or path for every user mistake found here."""
     try:
         data.check_data(cfg.data)  # a wrong path fails before anything heavy
-        check_blur(cfg.aug, cfg.data.image_size)
         check_backend(cfg, info.device)
         if cfg.batch_size % info.world_size or cfg.batch_size < 2 * info.world_size:
             raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {info.world_size} processes, "
@@ -334,7 +278,7 @@ def setup(cfg: Config, out: Path, info: DistInfo) -> Run:
     if own_corr(bare.predictor) is None:
         diag_corr = torch.zeros(cfg.model.proj_dim, cfg.model.proj_dim, device=info.device)
     learner = Learner(bare=bare, model=bare, optimizer=optimizer, scheduler=scheduler, scaler=scaler, dtype=dtype,
-                      probe=probe, probe_opt=probe_opt)
+                      probe=probe, probe_opt=probe_opt)  # attaches a DirectPredictor to the optimizer
     return Run(cfg=cfg, info=info, out=out, learner=learner, sampler=sampler, train_loader=train_loader,
                bank_loader=bank_loader, test_loader=test_loader, num_classes=n_classes, total_steps=total_steps,
                diag=monitor.Diagnostics(), diag_corr=diag_corr)
@@ -445,13 +389,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start over even if --out holds checkpoints (its contents move to --out/old-<n>/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=0.1 (anywhere on the line)")
     return p
 
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: one ``error: ...`` line and exit status 1 for every user mistake."""
-    args = get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_intermixed_args(argv)  # key=value before, between or after options
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:

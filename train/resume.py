@@ -9,16 +9,16 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint
-from .config import Config, ConfigError, diff, from_saved, to_dict, to_yaml
+from .config import Config, ConfigError, diff, from_saved, old_to_new, to_dict, to_yaml
 from .run_state import EpochSums, Run, bare_module, host_losses
-from .utils import (MetricsLog, all_reduce_sum, gather_objects, log, read_metrics, rng_state, set_rng_state,
-                    warn)
+from .metrics_log import MetricsLog, read_metrics
+from .utils import all_reduce_sum, gather_objects, log, rng_state, set_rng_state, warn
 
 
 STATE_KEYS = ("config", "step", "epoch", "batch", "world_size", "per_rank", "last_eval", "model", "optimizer",
@@ -158,7 +158,7 @@ def check_resumable(state: dict, cfg: Config, path: Path) -> None:
     changed = [k for k in config_changes(state, cfg) if k.startswith(FIXED_ON_RESUME)]
     saved = state["config"]
     if changed:
-        values = ", ".join(f"{k} {_get(saved, k)!r} -> {_get(to_dict(cfg), k)!r}" for k in changed)
+        values = old_to_new(saved, to_dict(cfg), changed)
         raise ConfigError(f"{path} cannot be resumed with other values for {values}: the checkpoint's optimizer, "
                           "schedule and sampler state would keep the old ones; use the checkpoint's values, "
                           "or --fresh to start over with these")
@@ -166,12 +166,6 @@ def check_resumable(state: dict, cfg: Config, path: Path) -> None:
         raise ConfigError(f"epochs={cfg.epochs}: {path} has already trained {state['epoch']} epochs "
                           f"(of epochs={saved.get('epochs')}); use epochs>={state['epoch'] + 1}, "
                           "or --fresh to start over")
-
-
-def _get(d: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 def config_changes(state: dict, cfg: Config) -> list[str]:

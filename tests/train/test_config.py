@@ -141,3 +141,60 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="bad.yaml.*invalid YAML") as e:
         load_config(str(preset))
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- issue 25: the command line and the views
+
+
+def test_overrides_are_accepted_anywhere_on_the_command_line(tmp_path, capsys):
+    # `... --fresh optim.lr=0.1` after an earlier key=value was argparse's "unrecognized arguments"
+    from train import pretrain
+
+    pretrain.cli(["--out", str(tmp_path / "o"), "epochs=3", "--fresh", "optim.lr=0.1", "--print-config", "seed=7"])
+    printed = config.load_yaml(capsys.readouterr().out)
+    assert (printed["epochs"], printed["optim"]["lr"], printed["seed"]) == (3, 0.1, 7)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_crop_scale_whose_lower_bound_is_above_the_upper_is_refused():
+    # torchvision only warns, then samples crops from an empty area range
+    with pytest.raises(ConfigError, match=r"aug\.crop_scale=\[1, 0\.5\]: the lower bound") as e:
+        load_config(None, ["aug.crop_scale=[1.0, 0.5]"])
+    assert "\n" not in str(e.value)
+    assert load_config(None, ["aug.crop_scale=[0.5, 0.5]"]).aug.crop_scale == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.image_size=1", "aug.blur_p=[1, 1]"], "data.image_size=1 is too small to blur"),
+    (["aug.blur_kernel=2", "aug.blur_p=[1, 1]"], "aug.blur_kernel=2 makes a 17-pixel blur kernel"),  # digits: 8 px
+])
+def test_a_blur_kernel_wider_than_the_image_is_refused_before_the_run(overrides, needle):
+    # it was a 35-81-line traceback at the first batch, in both view paths
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+    load_config(None, overrides[:1])  # no blur (blur_p 0): nothing to refuse
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_the_widest_accepted_blur_kernel_runs_and_the_next_one_fails_in_torchvision(batched):
+    # the rule's reference is torchvision's GaussianBlur (reflect padding): a 15-pixel kernel blurs an
+    # 8-pixel image, a 17-pixel one does not
+    import torch
+    from torchvision.transforms import v2 as T
+
+    from train.augment import view_transform
+    from train.batch_augment import BatchAugment
+
+    T.GaussianBlur(15, sigma=1.0)(torch.rand(1, 8, 8))
+    with pytest.raises(RuntimeError):
+        T.GaussianBlur(17, sigma=1.0)(torch.rand(1, 8, 8))
+    cfg = load_config(None, ["aug.blur_kernel=1.9", "aug.blur_p=[1, 1]"])  # round(8 x 1.9) = 15 pixels
+    with pytest.raises(ConfigError, match="17-pixel"):
+        load_config(None, ["aug.blur_kernel=2", "aug.blur_p=[1, 1]"])  # 16, made odd: 17
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    if batched:
+        v1, v2 = BatchAugment(cfg.aug, 8, (0.5,), (0.25,), seed=0)(images, torch.zeros(4, dtype=torch.long), torch.arange(4))
+    else:
+        v1 = view_transform(cfg.aug, 0, 8, (0.5,), (0.25,))(images[0])
+    assert v1.isfinite().all()

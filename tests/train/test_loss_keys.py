@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from fastpred.losses import FORMS, isoloss
-from train import config, pretrain
+from train import config_checks, pretrain
 from train.config import ConfigError, load_config
 from train.model import build_model
 
@@ -18,7 +18,7 @@ from test_resume import _assert_same_state, _interrupt_at  # tests/train is on s
 def test_defaults_are_byol_cosine_and_the_choices_match_the_library():
     cfg = load_config(None)
     assert (cfg.loss.name, cfg.loss.form) == ("byol", "cosine")
-    assert config.LOSS_FORMS == FORMS
+    assert config_checks.LOSS_FORMS == FORMS
 
 
 @pytest.mark.parametrize("override, needle", [

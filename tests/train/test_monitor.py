@@ -172,7 +172,7 @@ def test_a_tensorboard_write_that_fails_is_one_warning_and_the_run_goes_on(tmp_p
 
     from tensorboard.summary.writer import record_writer
 
-    from train.utils import MetricsLog
+    from train.metrics_log import MetricsLog
 
     def too_large(self, data):
         raise OSError(errno.EFBIG, "File too large")

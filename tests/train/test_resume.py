@@ -120,3 +120,18 @@ def test_load_is_weights_only(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         checkpoint.load(tmp_path / "evil.pt")
+
+
+def test_setup_attaches_the_directpredictor_to_the_optimizer_once(tmp_path):
+    # issue 28: train_step called attach() on every step; the run's setup does it, before any step
+    from train import pretrain
+    from train.config import load_config
+    from train.utils import init_distributed
+
+    cfg = load_config(None, RUN)
+    run = pretrain.setup(cfg, tmp_path / "run", init_distributed(cfg.device))
+    predictor = run.learner.bare.predictor
+    with pytest.raises(RuntimeError, match="already attached"):  # to the run's optimizer, before any step
+        predictor.attach(torch.optim.SGD(predictor.parameters(), lr=0.1))
+    assert predictor.attach(run.learner.optimizer) is predictor.attach(run.learner.optimizer)  # the same handle
+    assert not (tmp_path / "run").exists()  # setup writes nothing

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from train import study
+from train import study, study_report
 from train.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,20 +173,20 @@ def test_verdicts_below_3_paired_seeds_keep_the_unpaired_rule(tmp_path):
     grid = study.Grid("g", "digits", 2, UNPAIRED_ROWS)
     # a: mean 80, std 1.41; b: mean 78, std 1.41 -> difference 2 > spread 1.41: holds
     st = _state({"rand": [70, 72], "a": [79, 81], "b": [77, 79], "c": [60, 62], "d": [78.5, 79.5]})
-    assert study.verdict(grid, st, grid.row("a")) == ("+2.00 vs b (spread 1.41)", "holds")
-    assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # 10 points below random init
-    assert study.verdict(grid, st, grid.row("d"))[1] == "holds"  # +1.0 within spread 1.41
+    assert study_report.verdict(grid, st, grid.row("a")) == ("+2.00 vs b (spread 1.41)", "holds")
+    assert study_report.verdict(grid, st, grid.row("c"))[1] == "holds"  # 10 points below random init
+    assert study_report.verdict(grid, st, grid.row("d"))[1] == "holds"  # +1.0 within spread 1.41
     st = _state({"rand": [70, 72], "a": [76, 78], "b": [77, 79], "c": [80, 82], "d": [80, 82]})
-    assert study.verdict(grid, st, grid.row("a"))[1] == "within noise"  # -1 vs spread 1.41
-    assert study.verdict(grid, st, grid.row("c"))[1] == "does not"  # learns: +10 over random init
-    assert study.verdict(grid, st, grid.row("d"))[1] == "does not"  # +3 vs spread 1.41
+    assert study_report.verdict(grid, st, grid.row("a"))[1] == "within noise"  # -1 vs spread 1.41
+    assert study_report.verdict(grid, st, grid.row("c"))[1] == "does not"  # learns: +10 over random init
+    assert study_report.verdict(grid, st, grid.row("d"))[1] == "does not"  # +3 vs spread 1.41
     st = _state({"rand": [70, 72], "c": [80, 82]}, erank=1.2)
-    assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # effective rank below 2: collapsed
+    assert study_report.verdict(grid, st, grid.row("c"))[1] == "holds"  # effective rank below 2: collapsed
     # 3 seeds each, but only 2 of them in both rows: still the unpaired rule
     st = _state({"a": {0: 79, 1: 81, 7: 80}, "b": {0: 77, 1: 79, 8: 78}})
-    assert study.paired_diff(grid, st, grid.row("a")).n == 2
-    assert study.verdict(grid, st, grid.row("a"))[1] == "holds"
-    study.write_report(grid, st, tmp_path, 3, "python -m train.study --grid g")
+    assert study_report.paired_diff(grid, st, grid.row("a")).n == 2
+    assert study_report.verdict(grid, st, grid.row("a"))[1] == "holds"
+    study_report.write_report(grid, st, tmp_path, 3, "python -m train.study --grid g")
     md = (tmp_path / "study.md").read_text()
     # d = 2, 2 (seeds 0, 1): sd 0, so the t interval (t_{0.975,1} = 12.71) is [2, 2]
     assert "| a | > b | 2 | +2.00 ± 0.00 | [+2.00, +2.00] | 2 of 2 | holds (unpaired rule: 2 paired seeds) |" in md
@@ -217,10 +217,10 @@ def test_paired_verdicts_from_3_seeds():
     grid = study.Grid("g", "digits", 3, tuple(rows))
     st = _state({"rand": rand, "b": b, **{name: v for name, (_, v, _) in cases.items()}},
                 erank={"collapsed": 1.2, "learns_collapsed": 1.2})
-    got = {name: study.verdict(grid, st, grid.row(name))[1] for name in cases}
+    got = {name: study_report.verdict(grid, st, grid.row(name))[1] for name in cases}
     assert got == {name: want for name, (_, _, want) in cases.items()}
-    assert study.verdict(grid, st, grid.row("same_shift"))[0] == "+1.00 vs b (spread 5.00)"  # unpaired: noise
-    p = study.paired_diff(grid, st, grid.row("wide"))
+    assert study_report.verdict(grid, st, grid.row("same_shift"))[0] == "+1.00 vs b (spread 5.00)"  # unpaired: noise
+    p = study_report.paired_diff(grid, st, grid.row("wide"))
     assert p.diffs == (1, 2, 3) and p.mean == 2 and p.sd == 1
     assert p.half_width() == pytest.approx(4.303 / 3 ** 0.5, abs=1e-3)
     assert p.agreeing(+1) == 3
@@ -236,11 +236,11 @@ def test_report_shows_the_paired_differences_and_the_unpaired_seeds(tmp_path):
     st = _state({"random_init": [70, 71, 72, 73, 74], "dp": [78.5, 79.5, 77.5, 80.5, 79.0],
                  "sgd": {0: 78.0, 1: 78.0, 2: 78.0, 3: 78.0, 6: 78.0}})
     st["runs"]["sgd/seed4"] = {"row": "sgd", "seed": 4, "wall_s": 1.0, "config": {}, "error": "diverged"}
-    p = study.paired_diff(grid, st, grid.row("dp"))
+    p = study_report.paired_diff(grid, st, grid.row("dp"))
     assert (p.seeds, p.only_a, p.only_b) == ((0, 1, 2, 3), (4,), (6,))
     assert p.mean == pytest.approx(1.0) and p.sd == pytest.approx((5 / 3) ** 0.5)
     assert p.half_width() == pytest.approx(3.182 * (5 / 3) ** 0.5 / 2, abs=1e-3)
-    study.write_report(grid, st, tmp_path, 5, "python -m train.study --grid g")
+    study_report.write_report(grid, st, tmp_path, 5, "python -m train.study --grid g")
     md = (tmp_path / "study.md").read_text()
     table = md.split("## Claims, paired by seed", 1)[1]
     dp_line = next(l for l in table.splitlines() if l.startswith("| dp |"))
@@ -253,11 +253,27 @@ def test_report_shows_the_paired_differences_and_the_unpaired_seeds(tmp_path):
     assert "- sgd vs random_init: seed 4 finished in random_init only: left out of the pairing." in table
 
 
+def test_a_custom_grids_report_describes_its_own_grid_and_config(tmp_path):
+    # issue 25 (new user 5): the report wrote "the paper's ablations", "the 10 000 test images" and "SGD"
+    # for any grid: here a digits grid (360 test images) trained with LARS, without a paper or a claim
+    grid_file = tmp_path / "mine.yaml"
+    grid_file.write_text("preset: digits\nseeds: 2\nset: {optim.name: lars, model.ema: false, model.stop_grad: false}\n"
+                         "rows:\n  - {name: dp, what: DirectPred}\n  - {name: lin, set: {predictor.name: linear}}\n")
+    grid = study.load_grid(str(grid_file))
+    study_report.write_report(grid, _state({"dp": [60.0, 61.0], "lin": [55.0]}), tmp_path, 2, "python -m train.study")
+    md = (tmp_path / "study.md").read_text()
+    for wrong in ("paper's", "10 000", "SGD", ", EMA", "STL-10", "Verdicts:"):
+        assert wrong not in md, wrong
+    assert md.startswith("# Study `mine` on `digits`\n")
+    assert "LARS lr 0.05" in md and "no EMA target" in md and "`digits` training images" in md
+    assert "test on the `digits` test split" in md
+
+
 def test_paper_grid_report_shows_paired_stats_for_its_claims(tmp_path):
     """The recorded 3-seed paper study: its report gets a paired line for every claim row."""
     grid = study.load_grid("paper")
     state = json.loads((ROOT / "docs" / "study.json").read_text())
-    study.write_report(grid, state, tmp_path, 3, "python -m train.study --grid paper --out docs --seeds 3")
+    study_report.write_report(grid, state, tmp_path, 3, "python -m train.study --grid paper --out docs --seeds 3")
     table = (tmp_path / "study.md").read_text().split("## Claims, paired by seed", 1)[1]
     claims = [r.name for r in grid.rows if r.expect]
     lines = [l for l in table.splitlines() if l.startswith("| ") and not l.startswith("| row ")]
@@ -362,10 +378,10 @@ def test_one_seed_gives_no_verdict():
     grid = study.Grid("g", "digits", 1, UNPAIRED_ROWS)
     st = _state({"rand": [70], "a": [79], "b": [77], "c": [80], "d": [77.5]})
     for name in ("a", "c", "d"):
-        assert study.verdict(grid, st, grid.row(name))[1] == "one seed: no verdict"
+        assert study_report.verdict(grid, st, grid.row(name))[1] == "one seed: no verdict"
     st = _state({"rand": [70, 71], "a": [79, 80], "b": [77], "c": [60, 61], "d": [77.5, 78]})
-    assert study.verdict(grid, st, grid.row("a"))[1] == "one seed: no verdict"  # b has one seed
-    assert study.verdict(grid, st, grid.row("c"))[1] == "holds"  # two seeds each: the unpaired rule
+    assert study_report.verdict(grid, st, grid.row("a"))[1] == "one seed: no verdict"  # b has one seed
+    assert study_report.verdict(grid, st, grid.row("c"))[1] == "holds"  # two seeds each: the unpaired rule
 
 
 # ----------------------------------------------------------------------------- --jobs: several runs at a time

@@ -1,7 +1,7 @@
 """Time one full training step (forward, backward, optimizer, schedules, EMA) per predictor,
 side by side in one process, interleaved.
 
-    python -m train.step_timing [--config digits] [--batch-size B] [--steps 5] [--rounds 5] [--json FILE]
+    python -m bench.step_timing [--config digits] [--batch-size B] [--steps 5] [--rounds 5] [--json FILE]
 
 Every variant starts from the same weights (same seed) and sees the same synthetic batches
 (random tensors shaped like the preset's augmented views: timing the model, not the data
@@ -24,11 +24,12 @@ import time
 
 import torch
 
-from . import data
-from .config import load_config, set_key
-from .model import build_model
-from .optim import build_optimizer, build_scheduler
-from .pretrain import Learner, amp_dtype, train_step
+from train import data
+from train.config import from_dict, load_config
+from train.model import build_model
+from train.optim import build_optimizer, build_scheduler
+from train.pretrain import train_step
+from train.run_state import Learner, amp_dtype
 
 VARIANTS = {  # name -> predictor overrides
     "directpred": {"name": "directpred", "freq": 1},
@@ -42,9 +43,7 @@ VARIANTS = {  # name -> predictor overrides
 
 
 def build(preset: str, overrides: list[str], variant: str, batch: int, device: torch.device):
-    cfg = load_config(preset, overrides)
-    for k, v in VARIANTS[variant].items():
-        set_key(cfg, f"predictor.{k}", v)
+    cfg = from_dict({"predictor": VARIANTS[variant]}, load_config(preset, overrides))
     model = build_model(cfg, data.spec(cfg.data).channels, cfg.seed).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -141,4 +140,4 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    main(get_args_parser().parse_intermixed_args())

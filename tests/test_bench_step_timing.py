@@ -1,4 +1,8 @@
-from train import step_timing
+import pytest
+
+pytest.importorskip("torchvision")  # train/ needs it
+
+from bench import step_timing  # noqa: E402
 
 
 def test_step_timing_runs_every_variant_side_by_side(tmp_path):
