@@ -78,6 +78,7 @@ class AugConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet_small"  # resnet_small | resnet_mini | resnet18 | resnet50
+    width: int = 1  # resnet_small / resnet_mini: every stage's width times this (resnet18 / resnet50: 1)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool (small images)
     proj_hidden: int = 256  # projector MLP: Linear-BN-ReLU-Linear
     proj_dim: int = 64
@@ -233,7 +234,7 @@ RANGES: dict[str, Range] = {
     "data.image_size": AT_LEAST_1, "data.workers": NON_NEGATIVE, "data.train_subset": NON_NEGATIVE,
     "aug.crop_scale": Range(0, 1, lo_open=True), "aug.flip": PROBABILITY, "aug.jitter": NON_NEGATIVE,
     "aug.jitter_p": PROBABILITY, "aug.gray_p": PROBABILITY, "aug.blur_p": PROBABILITY,
-    "aug.blur_kernel": POSITIVE, "aug.solarize_p": PROBABILITY,
+    "aug.blur_kernel": POSITIVE, "aug.solarize_p": PROBABILITY, "model.width": AT_LEAST_1,
     "model.proj_hidden": AT_LEAST_1, "model.proj_dim": AT_LEAST_1, "model.ema_tau": PROBABILITY,
     "predictor.mlp_hidden": AT_LEAST_1, "predictor.rho": BELOW_1, "predictor.eps": NON_NEGATIVE,
     "predictor.freq": AT_LEAST_1, "predictor.power": POSITIVE, "predictor.min_eig": NON_NEGATIVE,
