@@ -52,3 +52,20 @@ def test_a_wide_run_trains_evaluates_and_exports(tmp_path, run_pretrain):
     assert meta["feature_dim"] == 128
     net, _ = build_backbone("resnet_mini", 1, False, width=2)
     net.load_state_dict(torch.load(tmp_path / "wide.pt", weights_only=True), strict=True)
+
+
+def test_the_wide_preset_trains_and_its_grid_has_the_issues_rows(tmp_path, run_pretrain):
+    from train.study import load_grid
+
+    cfg = load_config("fashion_mnist_wide")
+    assert cfg.model.arch == "resnet_mini" and cfg.model.width == 4 and cfg.data.train_subset == 0
+    grid = load_grid("fm_wide")
+    assert grid.preset == "fashion_mnist_wide" and grid.seeds >= 3
+    assert {r.name for r in grid.rows} == {
+        "random_init", "raw_pixels", "directpred", "no_predictor", "sgd_linear_sym_noema", "no_stop_grad", "mlp",
+        "isoloss", "sgd_linear", "dp_power1", "directpred_noema", "isoloss_noema"}
+    assert grid.row("directpred").expect == {"above": "raw_pixels"}  # the issue's question, read paired
+    fake_fashion(tmp_path / "data", n_train=40)
+    final = run_pretrain(tmp_path / "run", "fashion_mnist_wide", f"data.root={tmp_path / 'data'}", "epochs=1",
+                         "batch_size=20", "monitor.knn_k=3")
+    assert final["erank"] >= 1 and 0 <= final["knn_top1"] <= 100
