@@ -229,13 +229,15 @@ def test_state_dict_and_load_read_the_host_only_where_documented(streams):
 # ------------------------------------------------------------------ dispatch decisions
 def test_auto_picks_per_step_on_cuda_from_what_is_installed():
     everything = backends.auto_choice("cuda", lambda name: True)
-    assert everything == {"gram": "triton", "corr_ema_": "triton", "eigh": "cupy", "rebuild": "triton"}
+    assert everything == {"gram": "triton", "corr_ema_": "triton", "fold_": "triton", "eigh": "cupy",
+                          "rebuild": "triton", "install_": "triton"}
     no_cupy = backends.auto_choice("cuda", lambda name: name != "cupy")
     assert no_cupy["eigh"] == "csrc"
     nothing = backends.auto_choice("cuda", lambda name: False)
     assert nothing == dict.fromkeys(backends.STEPS, "torch")  # torch.linalg.eigh: it syncs, but runs
     cpu = backends.auto_choice("cpu", lambda name: True)
-    assert cpu == {"gram": "torch", "corr_ema_": "csrc", "eigh": "csrc", "rebuild": "csrc"}
+    assert cpu == {"gram": "torch", "corr_ema_": "csrc", "fold_": "csrc", "eigh": "csrc", "rebuild": "csrc",
+                   "install_": "csrc"}
 
 
 @pytest.mark.parametrize("dtype, precision, triton_statistics, triton_rebuild", [

@@ -88,6 +88,7 @@ class AugConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet_small"  # resnet_small | resnet_mini | resnet18 | resnet50
+    width: int = 1  # resnet_small / resnet_mini: every stage's width times this (resnet18 / resnet50: 1)
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool (small images)
     proj_hidden: int = 256  # projector MLP: Linear-BN-ReLU-Linear
     proj_dim: int = 64

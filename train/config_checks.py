@@ -53,7 +53,7 @@ RANGES: dict[str, Range] = {
     "data.image_size": AT_LEAST_1, "data.workers": NON_NEGATIVE, "data.train_subset": NON_NEGATIVE,
     "aug.crop_scale": Range(0, 1, lo_open=True), "aug.flip": PROBABILITY, "aug.jitter": NON_NEGATIVE,
     "aug.jitter_p": PROBABILITY, "aug.gray_p": PROBABILITY, "aug.blur_p": PROBABILITY,
-    "aug.blur_kernel": POSITIVE, "aug.solarize_p": PROBABILITY,
+    "aug.blur_kernel": POSITIVE, "aug.solarize_p": PROBABILITY, "model.width": AT_LEAST_1,
     "model.proj_hidden": AT_LEAST_1, "model.proj_dim": AT_LEAST_1, "model.ema_tau": PROBABILITY,
     "predictor.mlp_hidden": AT_LEAST_1, "predictor.rho": BELOW_1, "predictor.eps": NON_NEGATIVE,
     "predictor.freq": AT_LEAST_1, "predictor.power": POSITIVE, "predictor.min_eig": NON_NEGATIVE,

@@ -128,7 +128,8 @@ def export(ckpt: str | Path, out: str | Path, target: bool = False) -> dict:
         raise ExportError("--target: this run has no separate target network (model.ema=false: the target "
                           "is the online network itself); export without --target")
     weights = backbone_state(state["model"], branch)
-    net, feature_dim = build_backbone(cfg.model.arch, data.spec(cfg.data).channels, cfg.model.cifar_stem)
+    net, feature_dim = build_backbone(cfg.model.arch, data.spec(cfg.data).channels, cfg.model.cifar_stem,
+                                      cfg.model.width)
     try:
         net.load_state_dict(weights, strict=True)
     except RuntimeError as e:

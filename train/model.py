@@ -28,7 +28,9 @@ class SmallResNet(nn.Module):
     """A residual net for tiny images: 3x3 stem, one BasicBlock per stage, stride 2 between stages,
     global average pool. ``resnet_small`` (digits): widths 32-64-128, stride-1 stem, output dim 128.
     ``resnet_mini`` (fashion_mnist): widths 16-32-64 and a stride-2 stem (28 -> 14 -> 7 -> 4 px),
-    2.6M multiply-adds per 28x28 image instead of 37M, so a study of many runs fits on 2 CPU cores."""
+    2.6M multiply-adds per 28x28 image instead of 37M, so a study of many runs fits on 2 CPU cores.
+    ``model.width`` k multiplies every stage's width (WideResNet's k): resnet_mini with k=4 is
+    64-128-256, 256 features for the linear probe."""
 
     def __init__(self, in_channels: int, widths: tuple[int, ...] = (32, 64, 128), stem_stride: int = 1):
         super().__init__()
@@ -48,16 +50,19 @@ class SmallResNet(nn.Module):
         return F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1)  # (N, out_dim)
 
 
-def build_backbone(arch: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, int]:
-    """Backbone without its classifier, and its feature dimension."""
+def build_backbone(arch: str, in_channels: int, cifar_stem: bool, width: int = 1) -> tuple[nn.Module, int]:
+    """Backbone without its classifier, and its feature dimension; ``width`` multiplies the stage
+    widths of resnet_small / resnet_mini (``model.width``)."""
     if arch == "resnet_small":
-        net = SmallResNet(in_channels)
+        net = SmallResNet(in_channels, (32 * width, 64 * width, 128 * width))
         return net, net.out_dim
     if arch == "resnet_mini":
-        net = SmallResNet(in_channels, (16, 32, 64), stem_stride=2)
+        net = SmallResNet(in_channels, (16 * width, 32 * width, 64 * width), stem_stride=2)
         return net, net.out_dim
     if arch not in ("resnet18", "resnet50"):
         raise ValueError(f"model.arch={arch!r}: expected resnet_small, resnet_mini, resnet18 or resnet50")
+    if width != 1:
+        raise ValueError(f"model.width={width}: only resnet_small and resnet_mini are widened; {arch} takes width 1")
     net = getattr(torchvision.models, arch)(weights=None)
     dim = net.fc.in_features
     net.fc = nn.Identity()
@@ -191,7 +196,7 @@ def build_model(cfg: Config, in_channels: int, seed: int) -> BYOL:
     """The full network, initialised from ``seed`` alone (linear_eval rebuilds it at random init)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        backbone, feat_dim = build_backbone(cfg.model.arch, in_channels, cfg.model.cifar_stem)
+        backbone, feat_dim = build_backbone(cfg.model.arch, in_channels, cfg.model.cifar_stem, cfg.model.width)
         projector = mlp(feat_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
         predictor = build_predictor(cfg.predictor, cfg.model.proj_dim)
         model = BYOL(backbone, projector, predictor, ema=cfg.model.ema, stop_grad=cfg.model.stop_grad,
