@@ -14,7 +14,7 @@ import argparse
 import math
 from pathlib import Path
 
-from .utils import read_metrics
+from .metrics_log import read_metrics
 
 METRICS = ("erank", "knn_top1", "probe_top1")
 

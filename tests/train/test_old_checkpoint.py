@@ -1,5 +1,5 @@
 """A checkpoint written before the configuration moved to OmegaConf (issue 28) still resumes, and
-ends bit-identical to the run that wrote it.
+ends where the run that wrote it ended.
 
 ``fixtures/pre_omegaconf_step3.pt`` is step 3 (epoch 1, batch 3) of this 2-epoch digits run, made
 with the trainer of c82cbbb (the hand-written config.py)::
@@ -9,14 +9,18 @@ with the trainer of c82cbbb (the hand-written config.py)::
 
 ``FINAL`` is what that same code wrote at the end of the run (step 10), both uninterrupted and resumed
 from the fixture alone: the SHA-256 of every tensor of the network, the optimizer and ``diag_corr``.
-CPU arithmetic is bit-reproducible on one machine type; a CPU with other vector units may round
-differently, which this test would report as a mismatch of the final digest.
+The configuration change alone kept that digest bit-identical (checked when the fixture was made).
+Since then the predictor accumulates a step's x^T x in place (``addmm_``, issue 26), which rounds
+the sum of two per-view calls differently in float32's last bits, so the continuation is held to
+the old run's final metrics within that rounding, not to its digest; that a resumed run is
+bit-identical to an uninterrupted one under today's arithmetic is tested in ``test_resume.py``.
 """
 
 import hashlib
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from train import pretrain
@@ -55,7 +59,7 @@ def test_the_old_checkpoints_configuration_reads_as_the_same_run():
     assert flat(from_saved(state["config"])) == flat(load_config(None, RUN))
 
 
-def test_an_old_checkpoint_resumes_bit_identical(tmp_path, capsys):
+def test_an_old_checkpoint_resumes_and_ends_where_the_old_run_ended(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(FIXTURE, out / "ckpt_000000003.pt")
@@ -64,5 +68,6 @@ def test_an_old_checkpoint_resumes_bit_identical(tmp_path, capsys):
     assert "resumed from" in said.out and "different configuration" not in said.out + said.err
     state = torch.load(out / "last.pt", weights_only=True)
     assert (state["step"], state["epoch"]) == (FINAL["step"], FINAL["epoch"])
-    assert state["last_eval"] == {"knn_top1": FINAL["knn_top1"], "erank": FINAL["erank"]}
-    assert _digest(state) == (FINAL["tensors"], FINAL["sha256"])
+    assert state["last_eval"]["knn_top1"] == pytest.approx(FINAL["knn_top1"], abs=1.0)  # at most 1 of 180 images
+    assert state["last_eval"]["erank"] == pytest.approx(FINAL["erank"], rel=1e-5)
+    assert _digest(state)[0] == FINAL["tensors"]  # the same network, optimizer and diag_corr tensors
