@@ -371,10 +371,6 @@ def to_yaml(cfg: Config | dict) -> str:
     return OmegaConf.to_yaml(cfg if isinstance(cfg, dict) else OmegaConf.structured(cfg))
 
 
-def save_yaml(cfg: Config | dict, path: str | Path) -> None:
-    Path(path).write_text(to_yaml(cfg))
-
-
 def presets() -> list[str]:
     """The names of the presets in train/configs/."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
