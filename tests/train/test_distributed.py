@@ -14,6 +14,22 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _torchrun_two_ranks(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """``torchrun --nproc_per_node=2 ARGS`` from the clone's root, one thread a rank; (process, stderr).
+    A run that hangs is killed with its process group and fails the test."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError("the 2-process run hung:\n" + (stdout + stderr)[-4000:])
+    return proc, stderr
+
+
 def test_two_process_gloo_run(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -50,17 +66,7 @@ def test_ranks_given_different_settings_stop_at_start_naming_the_keys(tmp_path):
                        "extra = ['epochs=3', 'model.proj_dim=32', 'predictor.rho=0.5']\n"
                        "pretrain.cli(sys.argv[1:] + (extra if os.environ['RANK'] == '1' else []))\n")
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-           "--out", str(out), "epochs=1", "batch_size=256"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError("mismatched ranks hung:\n" + (stdout + stderr)[-4000:])
+    proc, stderr = _torchrun_two_ranks([str(wrapper), "--out", str(out), "epochs=1", "batch_size=256"])
     assert proc.returncode != 0
     # rank 0 alone reports (every rank finds the same keys; rank 1 stops quietly with status 1), in one
     # whole line: two ranks' lines written text-then-newline under torchrun's `python -u` ran together
@@ -94,17 +100,7 @@ def test_an_error_line_is_one_write_or_none(tmp_path, monkeypatch, report):
 def test_a_setup_error_under_torchrun_is_one_line_from_rank_0(tmp_path):
     # issue 25: batch_size=3 printed the error line once per rank
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "train.pretrain", "--out", str(out), "epochs=1", "batch_size=3"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError("the 2-process run hung:\n" + (stdout + stderr)[-4000:])
+    proc, stderr = _torchrun_two_ranks(["-m", "train.pretrain", "--out", str(out), "epochs=1", "batch_size=3"])
     assert proc.returncode != 0
     errors = [x for x in stderr.splitlines() if "error: " in x]
     assert errors == ["error: batch_size=3 must be a multiple of the 2 processes, at least 2 per process "
