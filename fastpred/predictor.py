@@ -372,8 +372,9 @@ class DirectPredictor(nn.Module):
         skipped = int(self.num_skipped)
         if skipped > self._skips_warned:
             warnings.warn(
-                f"DirectPredictor: {skipped - self._skips_warned} batch(es) with non-finite or "
-                f"huge features were skipped (F unchanged); {skipped} in total",
+                f"DirectPredictor: {skipped - self._skips_warned} step(s) with non-finite statistics (a "
+                f"non-finite feature, or an x^T x that overflows float32) were skipped (F unchanged); "
+                f"{skipped} in total",
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
             )
