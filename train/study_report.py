@@ -181,7 +181,7 @@ def recipe(grid: Grid) -> str:
     predictor = f"DirectPred rho {p.rho}, eps {p.eps}" if p.name == "directpred" else f"predictor {p.name}"
     features = "random-resized-crop and flip each epoch" if ev.augment else "cached centre-crop features"
     return (f"Recipe (preset `{grid.preset}`" + "".join(f", {s}" for s in grid.set) + ", frozen before the study; "
-            f"a row's *setting* changes it): {m.arch} backbone, projector {m.proj_hidden} -> {m.proj_dim}, "
+            f"a row's *setting* changes it): {m.arch} backbone{f' at {m.width}x its width' if m.width != 1 else ''}, projector {m.proj_hidden} -> {m.proj_dim}, "
             f"{cfg.epochs} epochs on {d.train_subset or 'all'} `{d.name}` training images, batch {cfg.batch_size}, "
             f"{o.name.upper()} lr {o.lr} wd {o.weight_decay}, {target}; {predictor}; {cfg.loss.name} loss "
             f"({cfg.loss.form}). Linear evaluation: frozen backbone, {features}, {ev.epochs} epochs, lr chosen from "
